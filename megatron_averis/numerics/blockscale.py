@@ -1,0 +1,174 @@
+"""Block-scaled FP4: NVFP4 (E4M3 block scales + FP32 tensor scale) and MXFP4 (E8M0 block scales).
+
+Every quantizer works on a 2-D tensor [rows, cols] with blocks along the last dimension; callers
+that need blocks along another dimension transpose first (see operand.py). NVFP4 follows
+Transformer Engine's reference arithmetic step by step so that codes and scales match it bit for
+bit:
+
+    S_enc   = 448·6 / amax              (FP32; amax = 0 -> FLT_MAX, S_enc = 0 -> 1)
+    s_blk   = E4M3(block_amax · S_enc/6)  (clamped to 448, RNE)
+    code    = E2M1(x / (s_blk / S_enc))
+    value   = code · s_blk · (1/S_enc)
+
+Non-finite input: the tensor decode scale becomes NaN, so the whole dequantized tensor and any
+GEMM it feeds are NaN. That keeps the hot path free of host syncs and lets the trainer's NaN
+check report the step, instead of silently saturating an inf to ±6·s as TE's reference does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_averis.numerics.e2m1 import E2M1_MAX, decode_e2m1, encode_e2m1, pack_fp4, unpack_fp4
+
+E4M3_MAX = 448.0
+FLT_MAX = torch.finfo(torch.float32).max
+NVFP4_BLOCK = 16
+MXFP4_BLOCK = 32
+E8M0_BIAS = 127
+# E2M1's largest power of two (emax_elem in the OCP MX specification): 6 = 1.5 · 2^2.
+E2M1_EMAX = 2
+
+
+@dataclass
+class QuantizedTensor:
+    """FP4 codes with their block scales; blocks run along the last dimension of `shape`.
+
+    data:         uint8 [rows, cols/2], two codes per byte
+    block_scales: NVFP4: float8_e4m3fn [rows/bm, cols/bk]; MXFP4: uint8 E8M0 exponents [rows, cols/32]
+    tensor_scale: FP32 scalar decode scale (1/S_enc for NVFP4, 1 for MXFP4)
+    """
+
+    data: torch.Tensor
+    block_scales: torch.Tensor
+    tensor_scale: torch.Tensor
+    fmt: str
+    block: tuple[int, int]
+    shape: tuple[int, int]
+
+    def block_scales_fp32(self) -> torch.Tensor:
+        """Per-element-row block scales [rows, cols/bk] as FP32."""
+        if self.fmt == "mxfp4":
+            s = torch.exp2(self.block_scales.float() - E8M0_BIAS)
+            s = torch.where(self.block_scales == 0xFF, torch.full_like(s, float("nan")), s)
+        else:
+            s = self.block_scales.float()
+        return s.repeat_interleave(self.block[0], dim=0) if self.block[0] > 1 else s
+
+    def scaled_values(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """code · block scale, without the tensor scale. Exact in BF16 for both formats:
+        a 2-bit E2M1 significand times a 4-bit E4M3 (or 1-bit E8M0) significand fits BF16's 8."""
+        rows, cols = self.shape
+        codes = unpack_fp4(self.data)
+        vals = decode_e2m1(codes).view(rows, cols // self.block[1], self.block[1])
+        vals = vals * self.block_scales_fp32().unsqueeze(-1)
+        return vals.view(rows, cols).to(dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The represented values in FP32."""
+        return self.scaled_values(torch.float32) * self.tensor_scale
+
+    def t(self) -> "QuantizedTensor":
+        """Transpose without requantizing; only square (2-D) blocks are transpose-invariant."""
+        if self.block[0] != self.block[1]:
+            raise ValueError(
+                f"a {self.block[0]}x{self.block[1]}-block tensor cannot be transposed without "
+                "requantizing; use 16x16 (2-D) blocks for operands needed in both orientations"
+            )
+        codes = unpack_fp4(self.data).t().contiguous()
+        return QuantizedTensor(
+            data=pack_fp4(codes),
+            block_scales=self.block_scales.t().contiguous(),
+            tensor_scale=self.tensor_scale,
+            fmt=self.fmt,
+            block=self.block,
+            shape=(self.shape[1], self.shape[0]),
+        )
+
+
+def _check_2d(x: torch.Tensor, block: tuple[int, int], what: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{what} expects a 2-D tensor, got shape {tuple(x.shape)}")
+    rows, cols = x.shape
+    if cols % block[1] or rows % block[0]:
+        raise ValueError(
+            f"{what}: shape {tuple(x.shape)} is not divisible by the {block[0]}x{block[1]} block; "
+            f"pad or choose sizes that are multiples of the block"
+        )
+
+
+def block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Largest |x| per block, shaped [rows/bm, cols/bk]."""
+    rows, cols = x.shape
+    bm, bk = block
+    a = x.abs().float().view(rows // bm, bm, cols // bk, bk)
+    return a.amax(dim=(1, 3))
+
+
+def nvfp4_tensor_scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S_enc, decode scale) from the tensor amax, as Transformer Engine computes them."""
+    amax = amax.float().reshape(())
+    s_enc = torch.clamp((E4M3_MAX * E2M1_MAX) / amax, max=FLT_MAX)
+    s_enc = torch.where(s_enc == 0, torch.ones_like(s_enc), s_enc)
+    s_dec = 1.0 / s_enc
+    s_dec = torch.where(torch.isfinite(amax), s_dec, torch.full_like(s_dec, float("nan")))
+    return s_enc, s_dec
+
+
+def quantize_nvfp4(
+    x: torch.Tensor,
+    block: tuple[int, int] = (1, NVFP4_BLOCK),
+    rounding: str = "rne",
+    generator: torch.Generator | None = None,
+    amax: torch.Tensor | None = None,
+) -> QuantizedTensor:
+    """NVFP4 along the last dimension with 1x16 or 16x16 blocks.
+
+    `amax` overrides the tensor amax (tensor parallelism passes the group-wide value so that every
+    shard gets the scale the whole tensor would have).
+    """
+    if block not in ((1, NVFP4_BLOCK), (NVFP4_BLOCK, NVFP4_BLOCK)):
+        raise ValueError(f"NVFP4 blocks are 1x16 or 16x16, got {block[0]}x{block[1]}")
+    _check_2d(x, block, "NVFP4 quantization")
+    x32 = x.float()
+    if amax is None:
+        amax = x32.abs().amax()
+    s_enc, s_dec = nvfp4_tensor_scales(amax)
+    blk_amax = block_amax(x32, block)
+    s_blk = torch.clamp(blk_amax * (s_enc * (1.0 / E2M1_MAX)), max=FLT_MAX)
+    s_blk = torch.clamp(s_blk, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    enc = torch.clamp(1.0 / (s_blk.float() * s_dec), max=FLT_MAX)
+    if block[0] > 1:
+        enc = enc.repeat_interleave(block[0], dim=0)
+    rows, cols = x.shape
+    scaled = x32.view(rows, cols // block[1], block[1]) * enc.unsqueeze(-1)
+    codes = encode_e2m1(scaled.view(rows, cols), rounding, generator)
+    return QuantizedTensor(pack_fp4(codes), s_blk, s_dec, "nvfp4", block, (rows, cols))
+
+
+def quantize_mxfp4(
+    x: torch.Tensor, rounding: str = "rne", generator: torch.Generator | None = None
+) -> QuantizedTensor:
+    """MXFP4 along the last dimension: 1x32 blocks, shared scale 2^(floor(log2 amax) - 2) in E8M0.
+
+    This is the OCP MX v1.0 rule (elements above 6 after scaling saturate). A block of zeros gets
+    the smallest scale, 2^-127. Non-finite blocks decode to NaN (E8M0 code 0xFF).
+    """
+    block = (1, MXFP4_BLOCK)
+    _check_2d(x, block, "MXFP4 quantization")
+    x32 = x.float()
+    rows, cols = x.shape
+    amax = block_amax(x32, block)
+    # frexp gives amax = m·2^e with m in [0.5, 1): floor(log2 amax) = e - 1 exactly.
+    _, e = torch.frexp(amax)
+    exp = torch.where(amax > 0, e - 1 - E2M1_EMAX, torch.full_like(e, -E8M0_BIAS))
+    exp = torch.clamp(exp, -E8M0_BIAS, E8M0_BIAS)
+    codes8 = (exp + E8M0_BIAS).to(torch.uint8)
+    codes8 = torch.where(torch.isfinite(amax), codes8, torch.full_like(codes8, 0xFF))
+    scale = torch.exp2(exp.float())
+    scaled = x32.view(rows, cols // MXFP4_BLOCK, MXFP4_BLOCK) / scale.unsqueeze(-1)
+    codes = encode_e2m1(scaled.view(rows, cols), rounding, generator)
+    one = torch.ones((), device=x.device, dtype=torch.float32)
+    return QuantizedTensor(pack_fp4(codes), codes8, one, "mxfp4", block, (rows, cols))

@@ -1,0 +1,48 @@
+"""Random Hadamard transform (RHT) over 16-element blocks of the last dimension.
+
+H = diag(s) · Had16 / 4 with a seeded random sign vector s; H is orthogonal, so for two operands
+rotated along their shared reduction dimension (A·H)(B·H)ᵀ = A·Bᵀ. The same convention as
+Transformer Engine's reference (rows of the Sylvester matrix scaled by the signs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+RHT_BLOCK = 16
+
+
+def hadamard_matrix(n: int = RHT_BLOCK, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sylvester Hadamard matrix of order n (entries ±1)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard order must be a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=dtype)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def random_signs(seed: int, n: int = RHT_BLOCK) -> torch.Tensor:
+    """A ±1 vector drawn from a CPU generator, so every device and rank gets the same signs."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+
+
+def rht_matrix(signs: torch.Tensor, device=None) -> torch.Tensor:
+    n = signs.numel()
+    h = signs.float().reshape(n, 1) * hadamard_matrix(n) / n**0.5
+    return h.to(device) if device is not None else h
+
+
+def blockwise_rht(x: torch.Tensor, signs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x·H per 16-block of the last dimension in FP32 (x·Hᵀ with inverse=True)."""
+    n = signs.numel()
+    if x.shape[-1] % n:
+        raise ValueError(
+            f"the Hadamard transform needs the last dimension ({x.shape[-1]}) divisible by {n}"
+        )
+    h = rht_matrix(signs, x.device)
+    if inverse:
+        h = h.t()
+    shape = x.shape
+    return (x.float().reshape(-1, n) @ h).reshape(shape)
