@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_averis.numerics.e2m1 import E2M1_MAX, decode_e2m1, encode_e2m1, pack_fp4, unpack_fp4
+from megatron_averis.numerics.random import position_uniform
 
 E4M3_MAX = 448.0
 FLT_MAX = torch.finfo(torch.float32).max
@@ -88,6 +89,17 @@ class QuantizedTensor:
         )
 
 
+def _encode(
+    scaled: torch.Tensor, rounding: str, sr_seed: int | None, rng_offset: tuple[int, int]
+) -> torch.Tensor:
+    uniform = None
+    if rounding == "stochastic":
+        if sr_seed is None:
+            raise ValueError("stochastic rounding needs an sr_seed")
+        uniform = position_uniform(tuple(scaled.shape), sr_seed, rng_offset, scaled.device)
+    return encode_e2m1(scaled, rounding, uniform)
+
+
 def _check_2d(x: torch.Tensor, block: tuple[int, int], what: str) -> None:
     if x.dim() != 2:
         raise ValueError(f"{what} expects a 2-D tensor, got shape {tuple(x.shape)}")
@@ -121,13 +133,15 @@ def quantize_nvfp4(
     x: torch.Tensor,
     block: tuple[int, int] = (1, NVFP4_BLOCK),
     rounding: str = "rne",
-    generator: torch.Generator | None = None,
+    sr_seed: int | None = None,
+    rng_offset: tuple[int, int] = (0, 0),
     amax: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """NVFP4 along the last dimension with 1x16 or 16x16 blocks.
 
     `amax` overrides the tensor amax (tensor parallelism passes the group-wide value so that every
-    shard gets the scale the whole tensor would have).
+    shard gets the scale the whole tensor would have). `rng_offset` is this tensor's (row, col)
+    position in the full tensor, so a shard draws the same stochastic-rounding bits as the whole.
     """
     if block not in ((1, NVFP4_BLOCK), (NVFP4_BLOCK, NVFP4_BLOCK)):
         raise ValueError(f"NVFP4 blocks are 1x16 or 16x16, got {block[0]}x{block[1]}")
@@ -144,12 +158,15 @@ def quantize_nvfp4(
         enc = enc.repeat_interleave(block[0], dim=0)
     rows, cols = x.shape
     scaled = x32.view(rows, cols // block[1], block[1]) * enc.unsqueeze(-1)
-    codes = encode_e2m1(scaled.view(rows, cols), rounding, generator)
+    codes = _encode(scaled.view(rows, cols), rounding, sr_seed, rng_offset)
     return QuantizedTensor(pack_fp4(codes), s_blk, s_dec, "nvfp4", block, (rows, cols))
 
 
 def quantize_mxfp4(
-    x: torch.Tensor, rounding: str = "rne", generator: torch.Generator | None = None
+    x: torch.Tensor,
+    rounding: str = "rne",
+    sr_seed: int | None = None,
+    rng_offset: tuple[int, int] = (0, 0),
 ) -> QuantizedTensor:
     """MXFP4 along the last dimension: 1x32 blocks, shared scale 2^(floor(log2 amax) - 2) in E8M0.
 
@@ -169,6 +186,6 @@ def quantize_mxfp4(
     codes8 = torch.where(torch.isfinite(amax), codes8, torch.full_like(codes8, 0xFF))
     scale = torch.exp2(exp.float())
     scaled = x32.view(rows, cols // MXFP4_BLOCK, MXFP4_BLOCK) / scale.unsqueeze(-1)
-    codes = encode_e2m1(scaled.view(rows, cols), rounding, generator)
+    codes = _encode(scaled.view(rows, cols), rounding, sr_seed, rng_offset)
     one = torch.ones((), device=x.device, dtype=torch.float32)
     return QuantizedTensor(pack_fp4(codes), codes8, one, "mxfp4", block, (rows, cols))

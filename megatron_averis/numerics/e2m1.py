@@ -30,7 +30,7 @@ def _rne_index(a: torch.Tensor) -> torch.Tensor:
     return idx
 
 
-def _stochastic_index(a: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _stochastic_index(a: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     # Index of the largest grid value <= a, then round up with probability equal to the
     # distance to that value over the gap: E[decoded] == a for every a in [0, 6].
     lo = torch.zeros(a.shape, dtype=torch.long, device=a.device)
@@ -41,15 +41,15 @@ def _stochastic_index(a: torch.Tensor, generator: torch.Generator | None) -> tor
     lo_v, hi_v = table[lo], table[hi]
     gap = torch.where(hi > lo, hi_v - lo_v, torch.ones_like(lo_v))
     p_up = (a - lo_v) / gap
-    u = torch.rand(a.shape, device=a.device, generator=generator, dtype=torch.float32)
-    return (lo + (u < p_up).long()).to(torch.uint8)
+    return (lo + (uniform < p_up).long()).to(torch.uint8)
 
 
 def encode_e2m1(
-    x: torch.Tensor, rounding: str = "rne", generator: torch.Generator | None = None
+    x: torch.Tensor, rounding: str = "rne", uniform: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Round scaled values to E2M1 and return one uint8 code (0..15) per element.
 
+    Stochastic rounding needs `uniform`: one U[0, 1) draw per element (see random.py).
     NaN encodes as +0 (its block's scale carries the NaN, see blockscale); -0.0 encodes as +0 and
     a negative value that rounds to zero as -0 (code 8), as Transformer Engine does.
     """
@@ -57,7 +57,12 @@ def encode_e2m1(
         raise ValueError(f"unknown rounding {rounding!r}; use one of {ROUNDING_MODES}")
     x = x.float()
     a = torch.clamp(x.abs(), max=E2M1_MAX)
-    idx = _rne_index(a) if rounding == "rne" else _stochastic_index(a, generator)
+    if rounding == "rne":
+        idx = _rne_index(a)
+    else:
+        if uniform is None or uniform.shape != x.shape:
+            raise ValueError("stochastic rounding needs one uniform draw per element (`uniform`)")
+        idx = _stochastic_index(a, uniform)
     return idx | ((x < 0).to(torch.uint8) << 3)
 
 

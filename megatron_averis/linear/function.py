@@ -1,0 +1,233 @@
+"""The quantized linear: one autograd function for single-device, column- and row-parallel use.
+
+Forward  Y  = X·Wᵀ (+ b)      fprop operands X [T, K] and W [N, K], both along K
+Backward dX = G·W             dgrad operands G [T, N] and Wᵀ [K, N], both along N
+         dW = Gᵀ·X            wgrad operands Gᵀ [N, T] and Xᵀ [K, T], both along tokens
+
+Each operand is built by numerics.quantize_operand from its OperandRecipe and every GEMM is the
+emulated FP4 GEMM (numerics.qgemm). Tensor/sequence parallelism changes only which part of a
+tensor a rank holds; all collectives go through linear.comm.TPComm:
+
+  mode "column" (W split over N): with sequence parallelism X arrives split over tokens: its
+      operands are quantized with group-wide mean and amax, and the FP4 payload is all-gathered;
+      dX is reduce-scattered over tokens (all-reduced without SP).
+  mode "row" (W split over K): X holds all tokens; the output is reduce-scattered over tokens
+      (all-reduced without SP) inside the function, so that backward receives G split over
+      tokens and can quantize it with group-wide statistics and all-gather the FP4 payload.
+
+Every rank thereby quantizes with the statistics and random bits the operand would have on one
+device (see numerics.random), so TP=2+SP reproduces TP=1's operands.
+
+The X operand for wgrad is quantized in forward and saved packed (FP4 codes, not BF16 X).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_averis.linear.comm import SINGLE_DEVICE, TPComm
+from megatron_averis.numerics.hadamard import random_signs
+from megatron_averis.numerics.operand import QuantizedOperand, quantize_operand
+from megatron_averis.numerics.qgemm import qgemm
+from megatron_averis.numerics.random import mix_seed
+from megatron_averis.recipes import OPERAND_ROLES, Recipe, check_token_count
+
+MODES = ("none", "column", "row")
+
+
+@dataclass
+class LinearContext:
+    """Everything the function needs besides tensors. One per module; `step()` per forward call.
+
+    stream_id: identifies the layer in the stochastic-rounding stream (the same on all TP ranks).
+    gather_quantized: under SP, all-gather FP4 payloads (True) or BF16 tensors then quantize
+        (False, the unquantized-communication baseline).
+    accumulate_main_grad: add dW into weight.main_grad (FP32) as Megatron's
+        gradient-accumulation fusion does, instead of returning it.
+    """
+
+    recipe: Recipe
+    mode: str = "none"
+    comm: TPComm = SINGLE_DEVICE
+    sequence_parallel: bool = False
+    gather_quantized: bool = True
+    accumulate_main_grad: bool = False
+    stream_id: int = 0
+    call_index: int = 0
+    signs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.sequence_parallel and self.mode == "none":
+            raise ValueError("sequence parallelism needs mode 'column' or 'row'")
+        for gemm in ("fprop", "dgrad", "wgrad"):
+            if self.recipe.rht(gemm):
+                self.signs[gemm] = random_signs(self.recipe.rht_seed)
+
+    def step(self) -> int:
+        self.call_index += 1
+        return self.call_index
+
+    def seed(self, role: str, call_index: int) -> int:
+        return mix_seed(self.recipe.sr_seed, self.stream_id, call_index, OPERAND_ROLES.index(role))
+
+
+def _quantize(ctx: LinearContext, role: str, x: torch.Tensor, call: int, *, mean_dim: int | None,
+              tokens_sharded: bool, features_sharded: bool, offset: tuple[int, int],
+              signs: torch.Tensor | None, mean=None, transposed: bool = False) -> QuantizedOperand:
+    o = ctx.recipe.operand(role)
+    if o.format == "bf16":
+        return quantize_operand(x, "bf16", transposed=transposed)
+    return quantize_operand(
+        x,
+        o.format,
+        block=o.block,
+        rounding=o.rounding,
+        mean_dim=mean_dim if o.mean_split else None,
+        mean_format=o.mean_format,
+        signs=signs.to(x.device) if signs is not None else None,
+        sr_seed=ctx.seed(role, call),
+        rng_offset=offset,
+        reducer=ctx.comm.reducer(tokens_sharded, features_sharded),
+        transposed=transposed,
+        mean=mean,
+    )
+
+
+def _shared_mean(ctx: LinearContext, first_role: str, second_role: str, op: QuantizedOperand):
+    """The stored μ of `op` if the second operand of the same tensor may reuse it."""
+    a, b = ctx.recipe.operand(first_role), ctx.recipe.operand(second_role)
+    first_gemm = first_role.split("_")[0]
+    if (op.mean is not None and b.mean_split and a.mean_format == b.mean_format
+            and not ctx.recipe.rht(first_gemm)):
+        return op.mean
+    return None
+
+
+def _weight_operands(ctx: LinearContext, weight: torch.Tensor, call: int):
+    """(fprop operand W [N, K], dgrad operand Wᵀ [K, N]); one 2-D quantization when shared."""
+    r, comm = ctx.recipe, ctx.comm
+    split = comm.distributed and ctx.mode != "none"
+    n, k = weight.shape
+    row_off = comm.rank * n if ctx.mode == "column" else 0
+    col_off = comm.rank * k if ctx.mode == "row" else 0
+    common = dict(mean_dim=None, tokens_sharded=False, features_sharded=split)
+    w_f = _quantize(ctx, "fprop_weight", weight, call, offset=(row_off, col_off),
+                    signs=ctx.signs.get("fprop"), **common)
+    if r.shares_weight_quantization and "fprop" not in ctx.signs and "dgrad" not in ctx.signs:
+        return w_f, w_f.t()
+    w_d = _quantize(ctx, "dgrad_weight", weight.t(), call, offset=(col_off, row_off),
+                    signs=ctx.signs.get("dgrad"), transposed=True, **common)
+    return w_f, w_d
+
+
+class _QuantizedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(autograd_ctx, x, weight, bias, ctx: LinearContext):
+        call = ctx.step()
+        comm, sp = ctx.comm, ctx.sequence_parallel and ctx.comm.distributed
+        x2d = x.reshape(-1, x.shape[-1])
+        t_local = x2d.shape[0]
+        column_sp = ctx.mode == "column" and sp
+        if column_sp and not ctx.gather_quantized:
+            x2d = comm.gather(x2d, 0)
+        tokens_split = column_sp and ctx.gather_quantized
+        # Blocks along tokens must not straddle ranks: check the count each rank quantizes.
+        t_quant = x2d.shape[0] // comm.world if ctx.mode == "row" and sp else x2d.shape[0]
+        check_token_count(ctx.recipe, t_quant, "quantized linear (wgrad blocks along tokens)")
+        tok_off = comm.rank * t_local if tokens_split else 0
+        feat_off = comm.rank * x2d.shape[1] if ctx.mode == "row" else 0
+        feat_split = ctx.mode == "row" and comm.distributed
+
+        xq = _quantize(ctx, "fprop_input", x2d, call, mean_dim=0, tokens_sharded=tokens_split,
+                       features_sharded=feat_split, offset=(tok_off, feat_off),
+                       signs=ctx.signs.get("fprop"))
+        xq_w = _quantize(ctx, "wgrad_input", x2d.t(), call, mean_dim=1,
+                         tokens_sharded=tokens_split, features_sharded=feat_split,
+                         offset=(feat_off, tok_off), signs=ctx.signs.get("wgrad"),
+                         mean=_shared_mean(ctx, "fprop_input", "wgrad_input", xq), transposed=True)
+        if tokens_split:
+            xq = comm.gather_operand(xq, 0)
+        w_f, w_d = _weight_operands(ctx, weight, call)
+
+        y = qgemm(xq, w_f)
+        if bias is not None:
+            y = y + bias.float()
+        y = y.to(x.dtype)
+        if ctx.mode == "row" and comm.distributed:
+            y = comm.reduce_scatter(y) if sp else comm.all_reduce(y)
+
+        autograd_ctx.ctx = ctx
+        autograd_ctx.call = call
+        autograd_ctx.ops = (xq_w, w_d)
+        autograd_ctx.weight = weight
+        autograd_ctx.has_bias = bias is not None
+        autograd_ctx.x_shape = x.shape
+        if ctx.mode == "column" and sp:
+            lead = (x.shape[0] * comm.world,) + tuple(x.shape[1:-1])
+        elif ctx.mode == "row" and sp:
+            lead = (x.shape[0] // comm.world,) + tuple(x.shape[1:-1])
+        else:
+            lead = tuple(x.shape[:-1])
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(autograd_ctx, grad_out):
+        ctx: LinearContext = autograd_ctx.ctx
+        call = autograd_ctx.call
+        comm, sp = ctx.comm, ctx.sequence_parallel and ctx.comm.distributed
+        xq_w, w_d = autograd_ctx.ops
+        weight = autograd_ctx.weight
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        row_sp = ctx.mode == "row" and sp
+        if row_sp and not ctx.gather_quantized:
+            g = comm.gather(g, 0)
+        tokens_split = row_sp and ctx.gather_quantized
+        tok_off = comm.rank * g.shape[0] if tokens_split else 0
+        feat_off = comm.rank * g.shape[1] if ctx.mode == "column" else 0
+        feat_split = ctx.mode == "column" and comm.distributed
+
+        gq = _quantize(ctx, "dgrad_grad", g, call, mean_dim=0, tokens_sharded=tokens_split,
+                       features_sharded=feat_split, offset=(tok_off, feat_off),
+                       signs=ctx.signs.get("dgrad"))
+        gq_w = _quantize(ctx, "wgrad_grad", g.t(), call, mean_dim=1, tokens_sharded=tokens_split,
+                         features_sharded=feat_split, offset=(feat_off, tok_off),
+                         signs=ctx.signs.get("wgrad"),
+                         mean=_shared_mean(ctx, "dgrad_grad", "wgrad_grad", gq), transposed=True)
+        if tokens_split:
+            gq = comm.gather_operand(gq, 0)
+            gq_w = comm.gather_operand(gq_w, 1)
+        if ctx.mode == "column" and sp and ctx.gather_quantized:
+            xq_w = comm.gather_operand(xq_w, 1)
+
+        dx = qgemm(gq, w_d).to(grad_out.dtype)
+        if ctx.mode == "column" and comm.distributed:
+            dx = comm.reduce_scatter(dx) if sp else comm.all_reduce(dx)
+        dx = dx.view(autograd_ctx.x_shape)
+
+        dw = qgemm(gq_w, xq_w)
+        grad_bias = g.float().sum(0).to(grad_out.dtype) if autograd_ctx.has_bias else None
+        if ctx.accumulate_main_grad:
+            weight.main_grad.add_(dw)
+            grad_weight = None
+            if hasattr(weight, "grad_added_to_main_grad"):
+                # Megatron DDP expects a (dummy) grad so its hooks run on the main thread.
+                grad_weight = torch.zeros(weight.main_grad.shape, dtype=weight.dtype,
+                                          device=weight.device)
+                weight.grad_added_to_main_grad = True
+        else:
+            grad_weight = dw.to(weight.dtype)
+        return dx, grad_weight, grad_bias, None
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     ctx: LinearContext) -> torch.Tensor:
+    """y = x·Wᵀ + b under ctx.recipe. x is [..., K]; a BF16 recipe is exactly F.linear."""
+    if ctx.recipe.is_bf16 and ctx.mode == "none":
+        return torch.nn.functional.linear(x, weight, bias)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input features {x.shape[-1]} do not match weight {tuple(weight.shape)}")
+    return _QuantizedLinear.apply(x, weight, bias, ctx)

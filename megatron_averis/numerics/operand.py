@@ -1,0 +1,232 @@
+"""GEMM operands: the Averis mean split, optional Hadamard rotation, FP4 quantization.
+
+Layout. An operand is 2-D [rows, K] with K the reduction dimension of the GEMM it feeds; blocks
+run along K. fprop feeds X [tokens, in] and W [out, in]; dgrad G [tokens, out] and Wᵀ [in, out];
+wgrad Gᵀ [out, tokens] and Xᵀ [in, tokens]. `transposed=True` records that an operand is the
+transpose of its source tensor (quantized along the source's first dimension).
+
+Averis split (Averis paper, Sec. 3). The mean over tokens is taken along dimension `mean_dim` of
+the operand: 0 for fprop/dgrad operands (tokens are rows, μ is indexed by K) and 1 for wgrad
+operands (tokens are the reduction dimension, μ is indexed by rows). With μ̂ the stored mean
+(after rounding to its own format) the operand is exactly
+
+    mean_dim=0:  A = 1·μ̂ᵀ + R        mean_dim=1:  A = μ̂·1ᵀ + R
+
+and only R is FP4-quantized. μ̂ is subtracted before quantization, so μ's own rounding error lands
+in R and is quantized with it instead of being lost.
+
+Hadamard rotation (NVIDIA recipe). With signs, the operand is multiplied along K by a blockwise
+orthogonal H. For mean_dim=0 the stored μ̂ is the rotated mean; for mean_dim=1 R is rotated and
+the mean term becomes μ̂·eᵀ with e = Hᵀ·1, so both identities keep the same form.
+
+Distribution. Column sums, token counts and the amax go through a `StatsReducer`, so tensor /
+sequence parallelism can all-reduce them and every shard quantizes with the statistics of the
+full tensor. This module never calls torch.distributed itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from megatron_averis.numerics.blockscale import QuantizedTensor, quantize_mxfp4, quantize_nvfp4
+from megatron_averis.numerics.hadamard import blockwise_rht
+
+
+class StatsReducer(Protocol):
+    """How an operand's statistics are combined across the ranks holding parts of it."""
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over ranks (for column sums and token counts)."""
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum over ranks (for amax)."""
+
+
+class LocalReducer:
+    """Single device: the local statistics are the global ones."""
+
+    def sum(self, t):
+        return t
+
+    def max(self, t):
+        return t
+
+
+LOCAL = LocalReducer()
+
+
+@dataclass
+class QuantizedOperand:
+    """One GEMM operand [rows, K], ready for the emulated FP4 GEMM.
+
+    Exactly one of `qt` (FP4 codes + block scales + tensor scale) and `bf16` (an unquantized
+    operand) is set. `mean` is μ̂ in its storage format (FP32 / BF16 tensor or an NVFP4
+    QuantizedTensor of shape [1, n]); `signs` is the RHT sign vector when rotated.
+    """
+
+    shape: tuple[int, int]
+    qt: QuantizedTensor | None = None
+    bf16: torch.Tensor | None = None
+    mean: torch.Tensor | QuantizedTensor | None = None
+    mean_dim: int | None = None
+    signs: torch.Tensor | None = None
+    transposed: bool = False
+
+    @property
+    def fmt(self) -> str:
+        return self.qt.fmt if self.qt is not None else "bf16"
+
+    def values(self) -> torch.Tensor:
+        """The BF16 GEMM operand: FP4 code × block scale, exact in BF16 (tensor scale factored out)."""
+        return self.qt.scaled_values(torch.bfloat16) if self.qt is not None else self.bf16
+
+    def scale(self) -> torch.Tensor:
+        """FP32 factor applied to the GEMM result for this operand."""
+        if self.qt is not None:
+            return self.qt.tensor_scale
+        return torch.ones((), dtype=torch.float32, device=self.bf16.device)
+
+    def mean_fp32(self) -> torch.Tensor | None:
+        if self.mean is None:
+            return None
+        if isinstance(self.mean, QuantizedTensor):
+            return self.mean.dequantize().reshape(-1)
+        return self.mean.float()
+
+    def residual_fp32(self) -> torch.Tensor:
+        """R̂ (in the rotated basis when rotated) in FP32."""
+        return self.values().float() * self.scale()
+
+    def dequantize(self, unrotate: bool = True) -> torch.Tensor:
+        """The represented operand in FP32: R̂ plus the mean term, rotated back when `unrotate`."""
+        x = self.residual_fp32()
+        m = self.mean_fp32()
+        if m is not None:
+            if self.mean_dim == 0:
+                x = x + m.view(1, -1)
+            else:
+                x = x + m.view(-1, 1) * ones_along_k(self.shape[1], self.signs, x.device).view(1, -1)
+        if self.signs is not None and unrotate:
+            x = blockwise_rht(x, self.signs, inverse=True)
+        return x
+
+    def t(self) -> "QuantizedOperand":
+        """Transpose a 2-D-block operand (weights) without requantizing."""
+        if self.mean is not None or self.signs is not None:
+            raise ValueError("only plain (no mean, no RHT) 2-D-block operands can be transposed")
+        return QuantizedOperand(
+            shape=(self.shape[1], self.shape[0]), qt=self.qt.t(), transposed=not self.transposed
+        )
+
+    def payload(self) -> list[torch.Tensor]:
+        """The tensors that represent this operand (what a collective moves)."""
+        out: list[torch.Tensor] = []
+        if self.qt is not None:
+            out += [self.qt.data, self.qt.block_scales, self.qt.tensor_scale]
+        else:
+            out.append(self.bf16)
+        if isinstance(self.mean, QuantizedTensor):
+            out += [self.mean.data, self.mean.block_scales, self.mean.tensor_scale]
+        elif self.mean is not None:
+            out.append(self.mean)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.payload())
+
+
+def ones_along_k(k: int, signs: torch.Tensor | None, device) -> torch.Tensor:
+    """e = Hᵀ·1 (the all-ones vector in the rotated basis); 1 without rotation. Entries are
+    multiples of 1/4 in [-4, 4] for 16-blocks, so e is exact in BF16 too."""
+    ones = torch.ones(1, k, device=device, dtype=torch.float32)
+    return (blockwise_rht(ones, signs) if signs is not None else ones).view(k)
+
+
+def _store_mean(m: torch.Tensor, fmt: str):
+    if fmt == "fp32":
+        return m
+    if fmt == "bf16":
+        return m.to(torch.bfloat16)
+    if fmt == "nvfp4":
+        return quantize_nvfp4(m.view(1, -1))
+    raise ValueError(f"unknown mean format {fmt!r}; use fp32, bf16 or nvfp4")
+
+
+def _as_fp32(stored) -> torch.Tensor:
+    return stored.dequantize().reshape(-1) if isinstance(stored, QuantizedTensor) else stored.float()
+
+
+def token_mean(
+    x: torch.Tensor, dim: int, reducer: StatsReducer = LOCAL
+) -> torch.Tensor:
+    """FP32 mean of x over `dim`, with sums and counts combined over ranks in one collective."""
+    sums = x.float().sum(dim=dim)
+    stats = torch.cat([sums, torch.full((1,), float(x.shape[dim]), device=x.device)])
+    stats = reducer.sum(stats)
+    return stats[:-1] / stats[-1]
+
+
+def quantize_operand(
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    block: tuple[int, int] = (1, 16),
+    rounding: str = "rne",
+    mean_dim: int | None = None,
+    mean_format: str = "bf16",
+    signs: torch.Tensor | None = None,
+    sr_seed: int | None = None,
+    rng_offset: tuple[int, int] = (0, 0),
+    reducer: StatsReducer = LOCAL,
+    transposed: bool = False,
+    mean: torch.Tensor | QuantizedTensor | None = None,
+) -> QuantizedOperand:
+    """Build a GEMM operand from x [rows, K] (blocks along K).
+
+    fmt: bf16 | nvfp4 | mxfp4. mean_dim: None (no split), 0 or 1 (see the module docstring).
+    `rng_offset` is x's position inside the full (unsharded) operand. `mean` passes a stored
+    mean computed for another operand of the same tensor (fprop's μ of X is wgrad's μ of Xᵀ when
+    neither is rotated along it), saving a reduction.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"a GEMM operand must be 2-D [rows, K], got shape {tuple(x.shape)}")
+    if fmt == "bf16":
+        if mean_dim is not None or signs is not None:
+            raise ValueError("mean split and RHT apply only to FP4 operands")
+        return QuantizedOperand(tuple(x.shape), bf16=x.to(torch.bfloat16), transposed=transposed)
+    if mean_dim not in (None, 0, 1):
+        raise ValueError(f"mean_dim must be None, 0 or 1, got {mean_dim}")
+
+    if mean is not None and (mean_dim is None or (mean_dim == 0 and signs is not None)):
+        raise ValueError("a precomputed mean needs a mean split without rotation along the mean")
+    r = x.float()
+    if mean_dim == 0:
+        if signs is not None:
+            r = blockwise_rht(r, signs)
+        if mean is None:
+            mean = _store_mean(token_mean(r, 0, reducer), mean_format)
+        r = r - _as_fp32(mean).view(1, -1)
+    elif mean_dim == 1:
+        if mean is None:
+            mean = _store_mean(token_mean(r, 1, reducer), mean_format)
+        r = r - _as_fp32(mean).view(-1, 1)
+        if signs is not None:
+            r = blockwise_rht(r, signs)
+    elif signs is not None:
+        r = blockwise_rht(r, signs)
+
+    if fmt == "nvfp4":
+        amax = reducer.max(r.abs().amax())
+        qt = quantize_nvfp4(r, block, rounding, sr_seed, rng_offset, amax=amax)
+    elif fmt == "mxfp4":
+        if block != (1, 32):
+            raise ValueError(f"MXFP4 uses 1x32 blocks, got {block[0]}x{block[1]}")
+        qt = quantize_mxfp4(r, rounding, sr_seed, rng_offset)
+    else:
+        raise ValueError(f"unknown operand format {fmt!r}; use bf16, nvfp4 or mxfp4")
+    return QuantizedOperand(
+        tuple(x.shape), qt=qt, mean=mean, mean_dim=mean_dim, signs=signs, transposed=transposed
+    )

@@ -1,0 +1,106 @@
+"""Emulated FP4 GEMM: what an FP4 tensor-core GEMM with FP32 accumulation computes, plus the
+Averis rank-one terms.
+
+C = A·Bᵀ for operands A [M, K], B [N, K] (see operand.py). Each operand is sA·Â (+ mean term),
+where Â = code × block scale is exact in BF16 (a 2-bit E2M1 significand times an E4M3 or E8M0
+scale fits BF16's 8 bits). So one BF16 GEMM of Â and B̂ with FP32 accumulation and FP32 output,
+scaled by sA·sB in FP32, is what an NVFP4 tensor core computes. The means are never added back
+into a BF16 operand (that would round); their terms are added in FP32:
+
+    A = U_A + R_A,  B = U_B + R_B,   A·Bᵀ = R_A·R_Bᵀ + R_A·U_Bᵀ + U_A·R_Bᵀ + U_A·U_Bᵀ
+
+with U = 1·μᵀ (mean_dim 0) or U = μ·eᵀ (mean_dim 1; e = Hᵀ·1, the ones vector, rotated under RHT):
+
+    R_A·U_Bᵀ  = (R_A·μ_B)·1ᵀ                 B mean_dim 0
+              = (R_A·e)·μ_Bᵀ                 B mean_dim 1
+    U_A·R_Bᵀ  = 1·(R_B·μ_A)ᵀ                 A mean_dim 0
+              = μ_A·(R_B·e)ᵀ                 A mean_dim 1
+    U_A·U_Bᵀ  = (μ_A·μ_B)·1·1ᵀ               0/0
+              = (μ_A·e)·1·μ_Bᵀ               0/1
+              = (e·μ_B)·μ_A·1ᵀ               1/0
+              = K·μ_A·μ_Bᵀ                   1/1  (e·e = K, H orthogonal)
+
+When both operands carry a mean along the reduction dimension (wgrad with both split) the cross
+terms are dropped: R·e = 0 holds exactly for the unquantized residual, so (R̂·e) is pure
+quantization error, and omitting it gives dW = R̂_G·R̂_Xᵀ + T·μ_G·μ_Xᵀ, the exact rank-one
+restoration of the paper. In fprop/dgrad only the weight-side GEMV (Ŵ·μ) is needed: a vector,
+not a second GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_averis.numerics.operand import QuantizedOperand, ones_along_k
+
+_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·bᵀ for BF16 a [M, K], b [N, K] with FP32 accumulation and an FP32 result.
+
+    On CUDA, torch.mm(out_dtype=float32) keeps BF16 tensor-core speed without rounding the result
+    to BF16. Elsewhere the FP32 product of the BF16 values is used: each elementwise product is
+    exact in FP32 and the sum accumulates in FP32, the same arithmetic.
+    """
+    dev = a.device.type
+    if dev == "cuda" and _MM_OUT_DTYPE_OK.get(dev, True):
+        try:
+            return torch.mm(a, b.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE_OK[dev] = False
+    with _no_tf32():
+        return torch.mm(a.float(), b.float().t())
+
+
+class _no_tf32:
+    """FP32 matmuls must not silently drop to TF32 (10-bit inputs) on Ampere+ GPUs."""
+
+    def __enter__(self):
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
+
+
+def _rowwise_dot(op: QuantizedOperand, v: torch.Tensor) -> torch.Tensor:
+    """R̂·v in FP32 for an operand's residual (K-indexed v): one GEMV."""
+    return (op.values().float() @ v) * op.scale()
+
+
+def qgemm(a: QuantizedOperand, b: QuantizedOperand) -> torch.Tensor:
+    """FP32 [M, N] = A·Bᵀ as the FP4 hardware computes it, with exact Averis rank-one terms."""
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"reduction dimensions differ: A {a.shape}, B {b.shape}")
+    if (a.signs is None) != (b.signs is None) or (
+        a.signs is not None and not torch.equal(a.signs.to(b.signs.device), b.signs)
+    ):
+        raise ValueError("both operands of a GEMM must use the same Hadamard transform (or none)")
+    out = mm_fp32(a.values(), b.values()) * (a.scale() * b.scale())
+    ma, mb = a.mean_fp32(), b.mean_fp32()
+    if ma is None and mb is None:
+        return out
+    k = a.shape[1]
+    e = ones_along_k(k, a.signs, out.device)
+    both_reduction = a.mean_dim == 1 and b.mean_dim == 1
+    if mb is not None and not both_reduction:
+        if b.mean_dim == 0:
+            out += _rowwise_dot(a, mb).view(-1, 1)
+        else:
+            out += torch.outer(_rowwise_dot(a, e), mb)
+    if ma is not None and not both_reduction:
+        if a.mean_dim == 0:
+            out += _rowwise_dot(b, ma).view(1, -1)
+        else:
+            out += torch.outer(ma, _rowwise_dot(b, e))
+    if ma is not None and mb is not None:
+        if a.mean_dim == 0 and b.mean_dim == 0:
+            out += torch.dot(ma, mb)
+        elif a.mean_dim == 0:
+            out += torch.dot(ma, e) * mb.view(1, -1)
+        elif b.mean_dim == 0:
+            out += torch.dot(e, mb) * ma.view(-1, 1)
+        else:
+            out += k * torch.outer(ma, mb)
+    return out
