@@ -67,9 +67,10 @@ class QuantizedTensor:
         vals = vals * self.block_scales_fp32().unsqueeze(-1)
         return vals.view(rows, cols).to(dtype)
 
-    def dequantize(self) -> torch.Tensor:
-        """The represented values in FP32."""
-        return self.scaled_values(torch.float32) * self.tensor_scale
+    def dequantize(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The represented values. code·s_blk·s_dec has up to 30 significant bits, so only the
+        FP64 default is exact; GEMMs never use this (they apply s_dec to FP32 accumulators)."""
+        return self.scaled_values(torch.float32).to(dtype) * self.tensor_scale.to(dtype)
 
     def t(self) -> "QuantizedTensor":
         """Transpose without requantizing; only square (2-D) blocks are transpose-invariant."""
@@ -122,9 +123,12 @@ def block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 def nvfp4_tensor_scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S_enc, decode scale) from the tensor amax, as Transformer Engine computes them."""
     amax = amax.float().reshape(())
-    s_enc = torch.clamp((E4M3_MAX * E2M1_MAX) / amax, max=FLT_MAX)
-    s_enc = torch.where(s_enc == 0, torch.ones_like(s_enc), s_enc)
-    s_dec = 1.0 / s_enc
+    one = torch.ones_like(amax)
+    # Tensor / tensor: a correctly rounded IEEE division on every device (a Python scalar
+    # numerator may be computed as scalar · reciprocal(amax), rounding twice).
+    s_enc = torch.clamp(one * (E4M3_MAX * E2M1_MAX) / amax, max=FLT_MAX)
+    s_enc = torch.where(s_enc == 0, one, s_enc)
+    s_dec = one / s_enc
     s_dec = torch.where(torch.isfinite(amax), s_dec, torch.full_like(s_dec, float("nan")))
     return s_enc, s_dec
 
@@ -153,7 +157,7 @@ def quantize_nvfp4(
     blk_amax = block_amax(x32, block)
     s_blk = torch.clamp(blk_amax * (s_enc * (1.0 / E2M1_MAX)), max=FLT_MAX)
     s_blk = torch.clamp(s_blk, max=E4M3_MAX).to(torch.float8_e4m3fn)
-    enc = torch.clamp(1.0 / (s_blk.float() * s_dec), max=FLT_MAX)
+    enc = torch.clamp(torch.ones_like(blk_amax) / (s_blk.float() * s_dec), max=FLT_MAX)
     if block[0] > 1:
         enc = enc.repeat_interleave(block[0], dim=0)
     rows, cols = x.shape

@@ -35,14 +35,14 @@ def rht_matrix(signs: torch.Tensor, device=None) -> torch.Tensor:
 
 
 def blockwise_rht(x: torch.Tensor, signs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """x·H per 16-block of the last dimension in FP32 (x·Hᵀ with inverse=True)."""
+    """x·H per 16-block of the last dimension, in FP32 (FP64 for FP64 x); x·Hᵀ with inverse."""
     n = signs.numel()
     if x.shape[-1] % n:
         raise ValueError(
             f"the Hadamard transform needs the last dimension ({x.shape[-1]}) divisible by {n}"
         )
-    h = rht_matrix(signs, x.device)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = rht_matrix(signs, x.device).to(dtype)
     if inverse:
         h = h.t()
-    shape = x.shape
-    return (x.float().reshape(-1, n) @ h).reshape(shape)
+    return (x.to(dtype).reshape(-1, n) @ h).reshape(x.shape)

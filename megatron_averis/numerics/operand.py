@@ -92,25 +92,20 @@ class QuantizedOperand:
     def mean_fp32(self) -> torch.Tensor | None:
         if self.mean is None:
             return None
-        if isinstance(self.mean, QuantizedTensor):
-            return self.mean.dequantize().reshape(-1)
-        return self.mean.float()
-
-    def residual_fp32(self) -> torch.Tensor:
-        """R̂ (in the rotated basis when rotated) in FP32."""
-        return self.values().float() * self.scale()
+        return _as_fp32(self.mean)
 
     def dequantize(self, unrotate: bool = True) -> torch.Tensor:
-        """The represented operand in FP32: R̂ plus the mean term, rotated back when `unrotate`."""
-        x = self.residual_fp32()
+        """The represented operand in FP64: R̂ plus the mean term, rotated back when `unrotate`."""
+        x = self.qt.dequantize() if self.qt is not None else self.bf16.double()
         m = self.mean_fp32()
         if m is not None:
             if self.mean_dim == 0:
-                x = x + m.view(1, -1)
+                x = x + m.double().view(1, -1)
             else:
-                x = x + m.view(-1, 1) * ones_along_k(self.shape[1], self.signs, x.device).view(1, -1)
+                e = ones_along_k(self.shape[1], self.signs, x.device).double()
+                x = x + m.double().view(-1, 1) * e.view(1, -1)
         if self.signs is not None and unrotate:
-            x = blockwise_rht(x, self.signs, inverse=True)
+            x = blockwise_rht(x, self.signs, inverse=True).double()
         return x
 
     def t(self) -> "QuantizedOperand":
@@ -156,7 +151,10 @@ def _store_mean(m: torch.Tensor, fmt: str):
 
 
 def _as_fp32(stored) -> torch.Tensor:
-    return stored.dequantize().reshape(-1) if isinstance(stored, QuantizedTensor) else stored.float()
+    """A stored mean as the FP32 vector that the split subtracts and the GEMM terms use."""
+    if isinstance(stored, QuantizedTensor):
+        return stored.dequantize(torch.float32).reshape(-1)
+    return stored.float()
 
 
 def token_mean(

@@ -1,5 +1,11 @@
+import os
+import sys
+
 import pytest
 import torch
+
+# Shared test helpers (fp4_reference.py, ...) live beside this file.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -9,3 +15,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """Run a numerics test on CPU, and on CUDA where there is a GPU."""
+    return torch.device(request.param)
