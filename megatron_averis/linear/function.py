@@ -24,6 +24,7 @@ The X operand for wgrad is quantized in forward and saved packed (FP4 codes, not
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -46,6 +47,8 @@ class LinearContext:
         (False, the unquantized-communication baseline).
     accumulate_main_grad: add dW into weight.main_grad (FP32) as Megatron's
         gradient-accumulation fusion does, instead of returning it.
+    observer: called as observer(role, operand) with each operand as it enters its GEMM (after
+        any gather): for diagnostics and the TP-equivalence tests.
     """
 
     recipe: Recipe
@@ -57,6 +60,7 @@ class LinearContext:
     stream_id: int = 0
     call_index: int = 0
     signs: dict = field(default_factory=dict)
+    observer: Callable[[str, QuantizedOperand], None] | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -66,6 +70,11 @@ class LinearContext:
         for gemm in ("fprop", "dgrad", "wgrad"):
             if self.recipe.rht(gemm):
                 self.signs[gemm] = random_signs(self.recipe.rht_seed)
+
+    def observe(self, **operands: QuantizedOperand) -> None:
+        if self.observer is not None:
+            for role, op in operands.items():
+                self.observer(role, op)
 
     def step(self) -> int:
         self.call_index += 1
@@ -152,6 +161,7 @@ class _QuantizedLinear(torch.autograd.Function):
         if tokens_split:
             xq = comm.gather_operand(xq, 0)
         w_f, w_d = _weight_operands(ctx, weight, call)
+        ctx.observe(fprop_input=xq, fprop_weight=w_f)
 
         y = qgemm(xq, w_f)
         if bias is not None:
@@ -202,6 +212,7 @@ class _QuantizedLinear(torch.autograd.Function):
             gq_w = comm.gather_operand(gq_w, 1)
         if ctx.mode == "column" and sp and ctx.gather_quantized:
             xq_w = comm.gather_operand(xq_w, 1)
+        ctx.observe(dgrad_grad=gq, dgrad_weight=w_d, wgrad_grad=gq_w, wgrad_input=xq_w)
 
         dx = qgemm(gq, w_d).to(grad_out.dtype)
         if ctx.mode == "column" and comm.distributed:
