@@ -33,6 +33,15 @@ E8M0_BIAS = 127
 E2M1_EMAX = 2
 
 
+def e8m0_to_fp32(biased: torch.Tensor) -> torch.Tensor:
+    """2^(e - 127) for E8M0 codes, built from the FP32 bit pattern so that it is exact on every
+    device (exp2 on CUDA is not exact for the subnormal result 2^-127); code 0xFF is NaN."""
+    e = biased.to(torch.int32)
+    bits = torch.where(e > 0, e << 23, torch.full_like(e, 1 << 22))
+    s = bits.view(torch.float32)
+    return torch.where(e == 0xFF, torch.full_like(s, float("nan")), s)
+
+
 @dataclass
 class QuantizedTensor:
     """FP4 codes with their block scales; blocks run along the last dimension of `shape`.
@@ -52,8 +61,7 @@ class QuantizedTensor:
     def block_scales_fp32(self) -> torch.Tensor:
         """Per-element-row block scales [rows, cols/bk] as FP32."""
         if self.fmt == "mxfp4":
-            s = torch.exp2(self.block_scales.float() - E8M0_BIAS)
-            s = torch.where(self.block_scales == 0xFF, torch.full_like(s, float("nan")), s)
+            s = e8m0_to_fp32(self.block_scales)
         else:
             s = self.block_scales.float()
         return s.repeat_interleave(self.block[0], dim=0) if self.block[0] > 1 else s
@@ -188,7 +196,7 @@ def quantize_mxfp4(
     exp = torch.clamp(exp, -E8M0_BIAS, E8M0_BIAS)
     codes8 = (exp + E8M0_BIAS).to(torch.uint8)
     codes8 = torch.where(torch.isfinite(amax), codes8, torch.full_like(codes8, 0xFF))
-    scale = torch.exp2(exp.float())
+    scale = e8m0_to_fp32((exp + E8M0_BIAS).to(torch.uint8))
     scaled = x32.view(rows, cols // MXFP4_BLOCK, MXFP4_BLOCK) / scale.unsqueeze(-1)
     codes = _encode(scaled.view(rows, cols), rounding, sr_seed, rng_offset)
     one = torch.ones((), device=x.device, dtype=torch.float32)

@@ -30,7 +30,7 @@ def random_signs(seed: int, n: int = RHT_BLOCK) -> torch.Tensor:
 
 def rht_matrix(signs: torch.Tensor, device=None) -> torch.Tensor:
     n = signs.numel()
-    h = signs.float().reshape(n, 1) * hadamard_matrix(n) / n**0.5
+    h = signs.float().cpu().reshape(n, 1) * hadamard_matrix(n) / n**0.5
     return h.to(device) if device is not None else h
 
 

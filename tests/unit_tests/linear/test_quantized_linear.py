@@ -63,7 +63,7 @@ def _ref_nvfp4(a):
 def _ref_split(a, axis):
     """μ̂ (FP32 mean rounded to BF16) and R̂ = NVFP4(a - μ̂) along axis 1."""
     a = np.asarray(a, np.float32)
-    mu = torch.from_numpy(a).sum(axis) / a.shape[axis]
+    mu = torch.from_numpy(a).sum(axis) / torch.tensor(float(a.shape[axis]))
     mu = mu.to(torch.bfloat16).double().numpy()
     m = mu.astype(np.float32)
     r = a - (m[None, :] if axis == 0 else m[:, None])

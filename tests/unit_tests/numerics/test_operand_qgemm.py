@@ -25,7 +25,8 @@ def ref_split(x, mean_dim, mean_format="bf16", device="cpu"):
 
     μ is the FP32 column mean (torch.sum in FP32 on the same device: summation order is the
     device's), checked against float64; the format rounding and the split follow from it."""
-    mu = (x.to(device).float().sum(mean_dim) / x.shape[mean_dim]).cpu().numpy()
+    n = torch.tensor(float(x.shape[mean_dim]), device=device)  # true division, as specified
+    mu = (x.to(device).float().sum(mean_dim) / n).cpu().numpy()
     x = x.numpy().astype(np.float32)
     np.testing.assert_allclose(mu, x.astype(np.float64).mean(axis=mean_dim), rtol=0,
                                atol=4 * np.abs(x).max() * 2**-24)
