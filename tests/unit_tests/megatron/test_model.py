@@ -144,6 +144,21 @@ def test_bf16_model_matches_float64_reference(mcore_single_process, arch):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+def test_bf16_parameters_stay_close_to_float64_reference(mcore_single_process):
+    torch.manual_seed(0)
+    config = config_for(QWEN3, bf16=True, params_dtype=torch.bfloat16)
+    model = build_gpt_model(config, get_recipe("bf16"), vocab_size=QWEN3.vocab, max_seq_len=SEQ,
+                            qk_layernorm=True, rotary_base=QWEN3.rope_base,
+                            share_embeddings_and_output_weights=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids, labels, pos = tokens(QWEN3)
+    loss = model(ids, pos, None, labels=labels)
+    ref = reference_loss(QWEN3, dict(model.named_parameters()), ids, labels)
+    torch.testing.assert_close(loss.double(), ref, rtol=0, atol=0.02)
+    loss.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_fp4_model_runs_forward_backward_with_bf16_edge_layers(mcore_single_process):
     recipe = get_recipe("averis", ["bf16_first_layers=1"])
     model = build(QWEN3, recipe)
@@ -200,3 +215,24 @@ def test_vocab_not_divisible_by_tp_is_refused(mcore_single_process):
     with pytest.raises(ValueError, match="pad the vocabulary"):
         build_gpt_model(config, get_recipe("bf16"), vocab_size=97, max_seq_len=SEQ, qk_layernorm=False,
                         rotary_base=10_000, share_embeddings_and_output_weights=False)
+
+
+@pytest.mark.gpu
+def test_cuda_model_matches_float64_reference(mcore_single_process):
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(0)  # GPU initialisation draws from mcore's CUDA RNG tracker
+    config = config_for(QWEN3, bf16=True, params_dtype=torch.bfloat16)
+    config.use_cpu_initialization = False
+    model = build_gpt_model(config, get_recipe("averis"), vocab_size=QWEN3.vocab, max_seq_len=SEQ,
+                            qk_layernorm=True, rotary_base=QWEN3.rope_base,
+                            share_embeddings_and_output_weights=True)
+    assert all(p.is_cuda for p in model.parameters())
+    ids, labels, pos = tokens(QWEN3)
+    loss = model(ids.cuda(), pos.cuda(), None, labels=labels.cuda())
+    params = {n: p.detach().cpu() for n, p in model.named_parameters()}
+    ref = reference_loss(QWEN3, params, ids, labels)
+    assert torch.isfinite(loss).all()
+    assert abs(loss.mean().item() - ref.mean().item()) < 0.05 * ref.mean().item()
+    loss.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
