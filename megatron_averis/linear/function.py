@@ -47,6 +47,9 @@ class LinearContext:
         (False, the unquantized-communication baseline).
     accumulate_main_grad: add dW into weight.main_grad (FP32) as Megatron's
         gradient-accumulation fusion does, instead of returning it.
+    out_stride: megatron-core's partition stride of a column-parallel weight: with stride s a
+        rank holds s separate chunks of the output features (SwiGLU's fc1: s=2, [gate, up]).
+        Needed to give each element its global position in the stochastic-rounding stream.
     observer: called as observer(role, operand) with each operand as it enters its GEMM (after
         any gather): for diagnostics and the TP-equivalence tests.
     """
@@ -57,6 +60,7 @@ class LinearContext:
     sequence_parallel: bool = False
     gather_quantized: bool = True
     accumulate_main_grad: bool = False
+    out_stride: int = 1
     stream_id: int = 0
     call_index: int = 0
     signs: dict = field(default_factory=dict)
@@ -75,6 +79,17 @@ class LinearContext:
         if self.observer is not None:
             for role, op in operands.items():
                 self.observer(role, op)
+
+    def out_positions(self, n_local: int):
+        """Global output-feature index of this rank's first (or every) local output feature."""
+        if self.mode != "column" or not self.comm.distributed:
+            return 0
+        if self.out_stride == 1:
+            return self.comm.rank * n_local
+        chunk = n_local // self.out_stride
+        n_full = n_local * self.comm.world
+        local = torch.arange(n_local)
+        return (local // chunk) * (n_full // self.out_stride) + self.comm.rank * chunk + local % chunk
 
     def step(self) -> int:
         self.call_index += 1
@@ -121,7 +136,7 @@ def _weight_operands(ctx: LinearContext, weight: torch.Tensor, call: int):
     r, comm = ctx.recipe, ctx.comm
     split = comm.distributed and ctx.mode != "none"
     n, k = weight.shape
-    row_off = comm.rank * n if ctx.mode == "column" else 0
+    row_off = ctx.out_positions(n)
     col_off = comm.rank * k if ctx.mode == "row" else 0
     common = dict(mean_dim=None, tokens_sharded=False, features_sharded=split)
     w_f = _quantize(ctx, "fprop_weight", weight, call, offset=(row_off, col_off),
@@ -197,7 +212,7 @@ class _QuantizedLinear(torch.autograd.Function):
             g = comm.gather(g, 0)
         tokens_split = row_sp and ctx.gather_quantized
         tok_off = comm.rank * g.shape[0] if tokens_split else 0
-        feat_off = comm.rank * g.shape[1] if ctx.mode == "column" else 0
+        feat_off = ctx.out_positions(g.shape[1])
         feat_split = ctx.mode == "column" and comm.distributed
 
         gq = _quantize(ctx, "dgrad_grad", g, call, mean_dim=0, tokens_sharded=tokens_split,

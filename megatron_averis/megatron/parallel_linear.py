@@ -45,7 +45,7 @@ def _config_without_apex_fusion(config, recipe):
 
 
 class _RecipeMixin:
-    def _setup_recipe(self, recipe, config, mode, in_local, out_local, gather_quantized):
+    def _setup_recipe(self, recipe, config, mode, in_local, out_local, gather_quantized, stride=1):
         self.recipe = recipe
         self.config = config
         self.gradient_accumulation_fusion = config.gradient_accumulation_fusion
@@ -65,6 +65,7 @@ class _RecipeMixin:
             sequence_parallel=self.sequence_parallel,
             gather_quantized=gather_quantized,
             accumulate_main_grad=config.gradient_accumulation_fusion,
+            out_stride=stride,
             stream_id=_stream_id(),
         )
 
@@ -75,7 +76,7 @@ class AverisColumnParallelLinear(_RecipeMixin, ColumnParallelLinear):
         super().__init__(input_size, output_size, config=_config_without_apex_fusion(config, recipe),
                          init_method=init_method, **kwargs)
         self._setup_recipe(recipe, config, "column", input_size, self.output_size_per_partition,
-                           gather_quantized)
+                           gather_quantized, stride=kwargs.get("stride", 1))
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if self.linear_ctx is None:

@@ -36,15 +36,26 @@ def mix_seed(*parts: int) -> int:
     return h
 
 
+def _positions(where, n: int, device) -> torch.Tensor:
+    """Global indices of n consecutive local indices: an int offset, or explicit indices (for
+    shards that are not one contiguous range, e.g. the [gate, up] halves of a SwiGLU shard)."""
+    if isinstance(where, torch.Tensor):
+        if where.numel() != n:
+            raise ValueError(f"{where.numel()} global indices given for {n} local ones")
+        return where.to(device=device, dtype=torch.int64)
+    return torch.arange(where, where + n, device=device, dtype=torch.int64)
+
+
 def position_uniform(
-    shape: tuple[int, int], seed: int, offset: tuple[int, int] = (0, 0), device=None
+    shape: tuple[int, int], seed: int, offset=(0, 0), device=None
 ) -> torch.Tensor:
     """U[0, 1) FP32 draws with 24 random bits for the elements of a [rows, cols] tensor whose
-    element (r, c) sits at (offset[0] + r, offset[1] + c) of the full tensor."""
+    element (r, c) sits at global position (offset[0] + r, offset[1] + c) of the full tensor;
+    either entry of `offset` may instead be a tensor of global indices."""
     rows, cols = shape
     key = fmix32(int(seed) & _M32)
-    r = torch.arange(offset[0], offset[0] + rows, device=device, dtype=torch.int64).view(rows, 1)
-    c = torch.arange(offset[1], offset[1] + cols, device=device, dtype=torch.int64).view(1, cols)
+    r = _positions(offset[0], rows, device).view(rows, 1)
+    c = _positions(offset[1], cols, device).view(1, cols)
     hr = fmix32((r * _ROW_MUL + key) & _M32)
     h = fmix32((hr ^ ((c * _COL_MUL) & _M32)) ^ key)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))

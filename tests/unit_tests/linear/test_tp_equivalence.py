@@ -41,3 +41,13 @@ def test_tp_sp_matches_single_device_gloo(world):
     report = compare(results, world)
     print(f"world {world}: operand elements differing from TP=1: {sum(report.values())} "
           f"over {len(report)} operand shards")
+
+
+@pytest.mark.gpu
+def test_tp2_sp_matches_single_device_nccl():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    results = run_world(2, tp_worker, CASES, "cuda", backend="nccl")
+    report = compare(results, 2, device="cuda")
+    print(f"NCCL world 2: operand elements differing from TP=1: {sum(report.values())} "
+          f"over {len(report)} operand shards")
