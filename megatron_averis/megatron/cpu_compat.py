@@ -26,6 +26,8 @@ def install() -> None:
 
     @functools.wraps(original)
     def get_emb_on_cpu(self, *args, **kwargs):
+        if torch.cuda.is_available():  # decided per call: a later CUDA model behaves as unpatched
+            return original(self, *args, **kwargs)
         current_device = torch.cuda.current_device
         torch.cuda.current_device = lambda: "cpu"
         try:

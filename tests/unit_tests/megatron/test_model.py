@@ -58,6 +58,14 @@ def build(a: Arch, recipe, **kw):
                            share_embeddings_and_output_weights=a.tied, **kw)
 
 
+@pytest.fixture(autouse=True)
+def cpu_only_unless_gpu_test(request, monkeypatch):
+    """The CPU-model tests also run on GPU machines: hide CUDA from them so that megatron-core
+    keeps RoPE on the CPU (the gpu-marked test covers the CUDA model)."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def expected_parameter_count(a: Arch) -> int:
     q, kv = a.heads * a.head_dim, a.groups * a.head_dim
     per_layer = (
