@@ -1,0 +1,386 @@
+"""The experiment corpus: built offline from what the machine has installed.
+
+Sources: the embedded public-domain text (``embedded.py``) plus the source
+and documentation files of the Python standard library and of the installed
+packages (site-packages). Nothing is downloaded, so this runs on a machine
+without network. The content depends on the installed package versions, so
+the manifest lists every distribution used (name, version, licence), and
+checksums let two builds be compared: equal ``text_sha256`` means the same
+text, equal ``corpus_sha256`` the same .bin/.idx bytes.
+
+Determinism: files are walked in sorted order, filtered by fixed rules,
+de-duplicated by content, then ordered by the sha256 of their label
+(``site-packages/torch/nn/modules/linear.py``), which mixes sources evenly and
+does not depend on the machine's paths. The same hash puts 1 % of documents in
+the validation split. The tokenizer is trained on the first
+``tokenizer_sample_bytes`` of training lines in that order.
+
+The built corpus holds third-party code under its own licences (listed in the
+manifest): use it for experiments on the machine, do not redistribute it.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import site
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from megatron_averis.data.atomic import temp_path
+
+DEFAULT_VOCAB_SIZE = 32768
+DEFAULT_TOKENIZER_SAMPLE_BYTES = 64 << 20
+DEFAULT_MIN_TOKENS = 50_000_000
+BUILDER_VERSION = 1
+EXTENSIONS = (".py", ".pyi", ".md", ".rst", ".txt", ".c", ".h", ".cc", ".cpp", ".hpp",
+              ".cu", ".cuh")
+NATURAL_LANGUAGE_EXTENSIONS = (".md", ".rst", ".txt")
+MAX_FILE_BYTES = 1 << 20      # larger files are mostly generated tables
+MAX_LINE_CHARS = 1000         # longer lines mean minified or embedded data
+VALID_MODULUS = 100           # 1 document in 100 goes to validation
+SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".tox", ".mypy_cache", ".pytest_cache"}
+
+
+@dataclass
+class SourceDoc:
+    key: str        # sha256 of label, the sort key
+    label: str      # root label / relative path: never an absolute path
+    kind: str       # 'natural' (prose) or 'code'
+    text: str
+    sha256: str     # of the text's bytes
+
+    @property
+    def split(self) -> str:
+        return "valid" if int(self.key[:8], 16) % VALID_MODULUS == 0 else "train"
+
+
+def _key(label: str) -> str:
+    return hashlib.sha256(label.encode("utf-8")).hexdigest()
+
+
+# --- discovering roots and distributions -----------------------------------------
+def default_roots() -> List[Tuple[str, str]]:
+    """(label, path) for the stdlib and each site-packages folder, outermost
+    first, without duplicates or nesting."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    sites = []
+    for p in [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+              *getattr(site, "getsitepackages", lambda: [])()]:
+        if p and os.path.isdir(p) and os.path.realpath(p) not in [os.path.realpath(s) for s in sites]:
+            sites.append(p)
+    roots = [("stdlib", stdlib)]
+    for i, p in enumerate(sorted(sites, key=os.path.realpath)):
+        roots.append(("site-packages" if i == 0 else f"site-packages-{i + 1}", p))
+    return roots
+
+
+def _distribution_map(roots: Sequence[Tuple[str, str]]) -> Dict[str, Tuple[str, str, str]]:
+    """Normalised path of each file -> (name, version, licence) of the distribution that installed it."""
+    from importlib import metadata
+
+    owner = {}
+    for _, root in roots:
+        for dist in metadata.distributions(path=[root]):
+            md = dist.metadata  # parsed on every access: read it once
+            name, version = md.get("Name") or "unknown", md.get("Version") or ""
+            lic = (md.get("License-Expression") or md.get("License") or "").strip()
+            lic = lic.splitlines()[0][:80] if lic else ""
+            if not lic:
+                classifiers = [c.split("::")[-1].strip() for c in
+                               (md.get_all("Classifier") or []) if c.startswith("License")]
+                lic = "; ".join(classifiers)[:80]
+            entry = (name, version, lic)
+            for f in dist.files or []:
+                owner[os.path.normpath(os.path.join(root, str(f)))] = entry
+    return owner
+
+
+# --- scanning ----------------------------------------------------------------------
+def _walk(root: str, skip: Iterable[str]) -> Iterable[str]:
+    skip_real = {os.path.realpath(s) for s in skip}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in skip_real)
+        for name in sorted(filenames):
+            if name.endswith(EXTENSIONS):
+                yield os.path.join(dirpath, name)
+
+
+def _check_text(data: bytes) -> Tuple[Optional[str], Optional[str]]:
+    """(text, None) if the file is usable, else (None, reason)."""
+    if not data.strip():
+        return None, "empty"
+    if len(data) > MAX_FILE_BYTES:
+        return None, "too_large"
+    if b"\x00" in data:
+        return None, "binary"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not_utf8"
+    if max(len(line) for line in text.split("\n")) > MAX_LINE_CHARS:
+        return None, "long_lines"
+    return text, None
+
+
+def scan_sources(roots: Sequence[Tuple[str, str]], include_embedded: bool = True,
+                 progress: bool = True) -> Tuple[List[SourceDoc], dict]:
+    """All usable documents in canonical order, and the scan's statistics."""
+    from megatron_averis.data.embedded import load_documents
+
+    docs: List[SourceDoc] = []
+    seen = set()
+    skipped: Dict[str, int] = {}
+    by_root: Dict[str, Dict[str, int]] = {}
+    dists: Dict[Tuple[str, str, str], Dict[str, int]] = {}
+    if include_embedded:
+        for d in load_documents():
+            sha = hashlib.sha256(d.text.encode("utf-8")).hexdigest()
+            seen.add(sha)
+            docs.append(SourceDoc(_key("embedded/" + d.id), "embedded/" + d.id, "natural",
+                                  d.text, sha))
+        by_root["embedded"] = {"files": len(docs), "bytes": sum(len(d.text.encode()) for d in docs)}
+    owner = _distribution_map([r for r in roots if r[0].startswith("site-packages")])
+    root_paths = [p for _, p in roots]
+    t0, scanned = time.monotonic(), 0
+    for label, root in roots:
+        nested = [p for p in root_paths if p != root and
+                  os.path.realpath(p).startswith(os.path.realpath(root) + os.sep)]
+        stat = by_root.setdefault(label, {"files": 0, "bytes": 0})
+        for path in _walk(root, nested):
+            scanned += 1
+            if progress and scanned % 5000 == 0:
+                print(f"scan: {scanned} files, {len(docs)} kept, {time.monotonic() - t0:.0f}s",
+                      file=sys.stderr, flush=True)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(MAX_FILE_BYTES + 1)
+            except OSError:
+                skipped["unreadable"] = skipped.get("unreadable", 0) + 1
+                continue
+            text, reason = _check_text(data)
+            if text is None:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                continue
+            sha = hashlib.sha256(data).hexdigest()
+            if sha in seen:
+                skipped["duplicate"] = skipped.get("duplicate", 0) + 1
+                continue
+            seen.add(sha)
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            name = f"{label}/{rel}"
+            kind = "natural" if path.endswith(NATURAL_LANGUAGE_EXTENSIONS) else "code"
+            docs.append(SourceDoc(_key(name), name, kind, text, sha))
+            stat["files"] += 1
+            stat["bytes"] += len(data)
+            if label.startswith("site-packages"):
+                dist = owner.get(os.path.normpath(path), ("(no distribution)", "", ""))
+            else:
+                dist = ("python-stdlib", platform.python_version(), "PSF-2.0")
+            d = dists.setdefault(dist, {"files": 0, "bytes": 0})
+            d["files"] += 1
+            d["bytes"] += len(data)
+    docs.sort(key=lambda d: d.key)
+    stats = {
+        "files_scanned": scanned, "documents": len(docs), "skipped": dict(sorted(skipped.items())),
+        "by_root": by_root,
+        "distributions": [{"name": n, "version": v, "license": lic, **c}
+                          for (n, v, lic), c in sorted(dists.items(),
+                                                       key=lambda x: (x[0][0].lower(), x[0][1]))],
+        "seconds": round(time.monotonic() - t0, 2),
+    }
+    return docs, stats
+
+
+# --- building --------------------------------------------------------------------------
+def _text_sha256(docs: Iterable[SourceDoc]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.text.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                            tokenizer_model: Optional[str] = None,
+                            tokenizer_sample_bytes: int = DEFAULT_TOKENIZER_SAMPLE_BYTES,
+                            max_tokens: Optional[int] = None,
+                            min_tokens: int = DEFAULT_MIN_TOKENS,
+                            extra_roots: Sequence[str] = (), use_default_roots: bool = True,
+                            workers: int = 1,
+                            overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Build into ``out_dir`` (tokenizer.model, train/valid .bin/.idx,
+    manifest.json, documents.tsv) and return the manifest."""
+    from megatron_averis.data.backends import TokenizerSpec
+    from megatron_averis.data.indexed import Job, write_indexed_dataset
+    from megatron_averis.data.progress import Progress
+    from megatron_averis.data.tokenizer_training import train_sentencepiece_from_texts
+
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
+    roots = default_roots() if use_default_roots else []
+    for i, extra in enumerate(extra_roots):
+        if not os.path.isdir(extra):
+            raise FileNotFoundError(f"--extra-root {extra}: not a directory")
+        roots.append((f"extra-{i + 1}-{os.path.basename(os.path.normpath(extra))}", extra))
+    t_start = time.monotonic()
+    docs, scan = scan_sources(roots, progress=show_progress)
+    train_docs = [d for d in docs if d.split == "train"]
+    valid_docs = [d for d in docs if d.split == "valid"]
+
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = temp_path(out_dir)
+    os.makedirs(tmp)
+    try:
+        model = os.path.join(tmp, "tokenizer.model")
+        t0 = time.monotonic()
+        if tokenizer_model:
+            shutil.copyfile(tokenizer_model, model)
+            tok_info = {"source": "given", "sha256": _file_sha256(model)}
+        else:
+            if show_progress:
+                print(f"tokenizer: training BPE {vocab_size} on the first "
+                      f"{tokenizer_sample_bytes / 2**20:.0f} MiB of lines", file=sys.stderr)
+            train_sentencepiece_from_texts((d.text for d in train_docs), model,
+                                           vocab_size=vocab_size, model_type="bpe",
+                                           max_bytes=tokenizer_sample_bytes,
+                                           source_name="the corpus sample")
+            tok_info = {"source": "trained", "model_type": "bpe",
+                        "sample_bytes": tokenizer_sample_bytes, "sha256": _file_sha256(model)}
+        tok_info.update(vocab_size=_vocab_size(model), seconds=round(time.monotonic() - t0, 2))
+        spec = TokenizerSpec(model, "sentencepiece")
+
+        splits, used = {}, {}
+        for split, group, cap in (("train", train_docs, max_tokens),
+                                  ("valid", valid_docs, None)):
+            if split == "valid" and max_tokens is not None:
+                # A capped build keeps the validation documents of the same key range.
+                last = used["train"][-1].key
+                group = [d for d in group if d.key <= last]
+            jobs = (Job(d.label, 1, d.text, "str") for d in group)
+            total = sum(len(d.text.encode("utf-8")) for d in group)
+            progress = Progress(f"encode {split}", total, show_progress)
+            stats = write_indexed_dataset(jobs, os.path.join(tmp, split), spec, workers=workers,
+                                          max_tokens=cap, progress=progress)
+            used[split] = group[:stats.documents + stats.empty_documents]
+            splits[split] = {**stats.as_dict(), "text_sha256": _text_sha256(used[split]),
+                             **_kind_bytes(used[split])}
+        manifest = _manifest(scan, tok_info, splits, used, vocab_size, tokenizer_sample_bytes,
+                             max_tokens, min_tokens, roots, time.monotonic() - t_start)
+        _write_documents_tsv(os.path.join(tmp, "documents.tsv"), used)
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _vocab_size(model: str) -> int:
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=model).get_piece_size()
+
+
+def _kind_bytes(docs: Sequence[SourceDoc]) -> dict:
+    out = {"natural_language_bytes": 0, "code_bytes": 0}
+    for d in docs:
+        out["natural_language_bytes" if d.kind == "natural" else "code_bytes"] += \
+            len(d.text.encode("utf-8"))
+    return out
+
+
+def _manifest(scan, tok_info, splits, used, vocab_size, sample_bytes, max_tokens, min_tokens,
+              roots, seconds) -> dict:
+    corpus = hashlib.sha256("".join(splits[s][k] for s in ("train", "valid")
+                                    for k in ("bin_sha256", "idx_sha256")).encode()).hexdigest()
+    text = hashlib.sha256((splits["train"]["text_sha256"] +
+                           splits["valid"]["text_sha256"]).encode()).hexdigest()
+    train_tokens = splits["train"]["tokens"]
+    return {
+        "corpus": "experiment",
+        "builder_version": BUILDER_VERSION,
+        "python": platform.python_version(),
+        "tool_versions": _tool_versions(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+        "settings": {"extensions": list(EXTENSIONS), "max_file_bytes": MAX_FILE_BYTES,
+                     "max_line_chars": MAX_LINE_CHARS, "valid_modulus": VALID_MODULUS,
+                     "vocab_size": vocab_size, "tokenizer_sample_bytes": sample_bytes,
+                     "max_tokens": max_tokens, "roots": [label for label, _ in roots]},
+        "scan": scan,
+        "tokenizer": tok_info,
+        "splits": splits,
+        "total_tokens": train_tokens + splits["valid"]["tokens"],
+        "meets_min_tokens": train_tokens >= min_tokens,
+        "min_tokens": min_tokens,
+        "text_sha256": text,
+        "corpus_sha256": corpus,
+        "build_seconds": round(seconds, 1),
+    }
+
+
+def _tool_versions() -> dict:
+    """Versions of the packages whose behaviour shapes the output bytes."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("sentencepiece", "megatron-core", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _write_documents_tsv(path: str, used: Dict[str, List[SourceDoc]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("split\tlabel\tkind\tbytes\tsha256\n")
+        for split in ("train", "valid"):
+            for d in used[split]:
+                f.write(f"{split}\t{d.label}\t{d.kind}\t{len(d.text.encode('utf-8'))}\t{d.sha256}\n")
+
+
+def _replace_dir(new: str, target: str) -> None:
+    old = None
+    if os.path.exists(target):
+        old = temp_path(target)
+        os.rename(target, old)
+    os.rename(new, target)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summary(m: dict) -> str:
+    tr, va = m["splits"]["train"], m["splits"]["valid"]
+    lines = [
+        f"experiment corpus (python {m['python']}, {len(m['scan']['distributions'])} "
+        f"distributions, {m['scan']['documents']} documents scanned in)",
+        f"  train: {tr['documents']} docs, {tr['tokens']:,} tokens, "
+        f"{tr['text_bytes']:,} bytes, {tr['bytes_per_token']:.3f} bytes/token",
+        f"  valid: {va['documents']} docs, {va['tokens']:,} tokens, "
+        f"{va['bytes_per_token']:.3f} bytes/token",
+        f"  natural-language bytes (train): {tr['natural_language_bytes']:,}; "
+        f"code bytes: {tr['code_bytes']:,}",
+        f"  tokenizer: vocab {m['tokenizer']['vocab_size']}, sha256 {m['tokenizer']['sha256']}",
+        f"  text_sha256:   {m['text_sha256']}",
+        f"  corpus_sha256: {m['corpus_sha256']}",
+        f"  built in {m['build_seconds']} s",
+    ]
+    if not m["meets_min_tokens"] and m["settings"]["max_tokens"] is None:
+        lines.append(f"WARNING: the train split has fewer than {m['min_tokens']:,} tokens; add "
+                     "sources with --extra-root (e.g. /usr/include, /usr/share/doc)")
+    return "\n".join(lines)
