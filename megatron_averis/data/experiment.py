@@ -241,6 +241,9 @@ def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZ
     docs, scan = scan_sources(roots, progress=show_progress)
     train_docs = [d for d in docs if d.split == "train"]
     valid_docs = [d for d in docs if d.split == "valid"]
+    if not valid_docs or not train_docs:
+        raise ValueError(f"only {len(docs)} documents: too few for a train split and a "
+                         f"1-in-{VALID_MODULUS} validation split; add sources with --extra-root")
 
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = temp_path(out_dir)
@@ -270,7 +273,7 @@ def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZ
             if split == "valid" and max_tokens is not None:
                 # A capped build keeps the validation documents of the same key range.
                 last = used["train"][-1].key
-                group = [d for d in group if d.key <= last]
+                group = [d for d in group if d.key <= last] or group[:1]
             jobs = (Job(d.label, 1, d.text, "str") for d in group)
             total = sum(len(d.text.encode("utf-8")) for d in group)
             progress = Progress(f"encode {split}", total, show_progress)

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+import os
 
 import numpy
 import pytest
@@ -177,3 +178,39 @@ def test_gpt_dataset_samples_respect_document_boundaries(tmp_path, write_jsonl, 
             if j + 1 < seq_len:
                 assert sample["position_ids"][j + 1].item() == 0
     assert seen_eod
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_json(tmp_path_factory, sample_texts):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sample_texts, trainer)
+    path = str(tmp_path_factory.mktemp("hf") / "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+def test_huggingface_tokenizer(tmp_path, write_jsonl, hf_tokenizer_json):
+    from tokenizers import Tokenizer
+
+    ref = Tokenizer.from_file(hf_tokenizer_json)
+    eod = ref.token_to_id("<|endoftext|>")
+    tok = build_tokenizer(hf_tokenizer_json)
+    assert (tok.eod, tok.pad, tok.vocab_size) == (eod, ref.token_to_id("<pad>"),
+                                                  ref.get_vocab_size())
+    for text in DOCS:
+        assert tok.detokenize(tok.tokenize(text)) == text
+    path = write_jsonl("hf.jsonl", DOCS)
+    prefix = str(tmp_path / "hf")
+    # A folder holding tokenizer.json works too; two workers exercise the pool.
+    preprocess_files([path], prefix, os.path.dirname(hf_tokenizer_json), workers=2,
+                     show_progress=False)
+    _, seqs = read_back(prefix)
+    want = [ref.encode(t, add_special_tokens=False).ids + [eod] for t in DOCS if t]
+    assert seqs == want
