@@ -134,9 +134,11 @@ def parse_record(path: str, line: int, raw: bytes, fmt: str, text_field: str = "
     if fmt == "text":
         return text
     try:
-        obj = json.loads(text)
+        obj = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        raise DataInputError(path, line, f"invalid JSON: {e.msg} at column {e.colno}",
+        # json's messages end in "at" before the position it reports apart.
+        reason = e.msg[:-3] if e.msg.endswith(" at") else e.msg
+        raise DataInputError(path, line, f"invalid JSON: {reason} (column {e.colno})",
                              "each line must be one JSON object") from None
     if not isinstance(obj, dict):
         raise DataInputError(path, line, f"expected a JSON object, got {type(obj).__name__}",

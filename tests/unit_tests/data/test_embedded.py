@@ -120,3 +120,28 @@ def test_leftovers_races_and_failures(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_embedded_corpus(str(tmp_path), vocab_size=768)
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_trainer_recipe_builds_gpt_datasets(prepared, tmp_path):
+    """The recipe docs/data.md gives the trainer: train and valid GPTDatasets."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import \
+        BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from megatron_averis.data.tokenizer import build_tokenizer
+
+    _, paths, _ = prepared
+    tokenizer = build_tokenizer(paths["tokenizer_model"])
+    config = GPTDatasetConfig(
+        random_seed=1234, sequence_length=128, tokenizer=tokenizer,
+        blend_per_split=[([paths["train_prefix"]], None), ([paths["valid_prefix"]], None), None],
+        path_to_cache=str(tmp_path / "index-cache"),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False)
+    train, valid, test = BlendedMegatronDatasetBuilder(
+        GPTDataset, [1000, 50, None], lambda: True, config).build()
+    assert test is None and len(train) >= 1000 and len(valid) >= 50
+    sample = train[0]
+    assert sample["tokens"].shape == (128,) and sample["labels"].shape == (128,)
+    assert int(sample["tokens"].max()) < tokenizer.vocab_size
+    text = tokenizer.detokenize(valid[0]["tokens"])
+    assert len(text) > 100
