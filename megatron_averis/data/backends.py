@@ -124,7 +124,8 @@ class HuggingFaceBackend:
         self._eos = self._find(eod_token, _HF_EOD_CANDIDATES)
         if self._eos is None:
             raise ValueError(f"{self.path}: cannot tell the end-of-document token; name it with "
-                             f"eod_token= (--eod-token); none of {_HF_EOD_CANDIDATES} is in the vocab")
+                             f"eod_token= (--eod-token); none of {_HF_EOD_CANDIDATES} "
+                             "is in the vocabulary")
         self._bos = self._find(bos_token, _HF_BOS_CANDIDATES)
         self._pad = self._find(pad_token, _HF_PAD_CANDIDATES)
 

@@ -71,7 +71,8 @@ def default_roots() -> List[Tuple[str, str]]:
     sites = []
     for p in [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
               *getattr(site, "getsitepackages", lambda: [])()]:
-        if p and os.path.isdir(p) and os.path.realpath(p) not in [os.path.realpath(s) for s in sites]:
+        if p and os.path.isdir(p) and \
+                os.path.realpath(p) not in [os.path.realpath(s) for s in sites]:
             sites.append(p)
     roots = [("stdlib", stdlib)]
     for i, p in enumerate(sorted(sites, key=os.path.realpath)):
@@ -80,7 +81,8 @@ def default_roots() -> List[Tuple[str, str]]:
 
 
 def _distribution_map(roots: Sequence[Tuple[str, str]]) -> Dict[str, Tuple[str, str, str]]:
-    """Normalised path of each file -> (name, version, licence) of the distribution that installed it."""
+    """Normalised path of each file -> (name, version, licence) of the
+    distribution that installed it."""
     from importlib import metadata
 
     owner = {}
@@ -151,6 +153,10 @@ def scan_sources(roots: Sequence[Tuple[str, str]], include_embedded: bool = True
     for label, root in roots:
         nested = [p for p in root_paths if p != root and
                   os.path.realpath(p).startswith(os.path.realpath(root) + os.sep)]
+        if label == "stdlib":
+            # Some layouts keep a site-packages inside the stdlib folder (pyenv,
+            # venvs' base interpreters): packages are never labelled stdlib.
+            nested += [os.path.join(root, "site-packages"), os.path.join(root, "dist-packages")]
         stat = by_root.setdefault(label, {"files": 0, "bytes": 0})
         for path in _walk(root, nested):
             scanned += 1
@@ -227,7 +233,8 @@ def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZ
     from megatron_averis.data.backends import TokenizerSpec
     from megatron_averis.data.indexed import Job, write_indexed_dataset
     from megatron_averis.data.progress import Progress
-    from megatron_averis.data.tokenizer_training import train_sentencepiece_from_texts
+    from megatron_averis.data.tokenizer_training import (train_sentencepiece_from_texts,
+                                                         write_megatron_metadata)
 
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
@@ -253,6 +260,7 @@ def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZ
         t0 = time.monotonic()
         if tokenizer_model:
             shutil.copyfile(tokenizer_model, model)
+            write_megatron_metadata(model)
             tok_info = {"source": "given", "sha256": _file_sha256(model)}
         else:
             if show_progress:
@@ -354,7 +362,8 @@ def _write_documents_tsv(path: str, used: Dict[str, List[SourceDoc]]) -> None:
         f.write("split\tlabel\tkind\tbytes\tsha256\n")
         for split in ("train", "valid"):
             for d in used[split]:
-                f.write(f"{split}\t{d.label}\t{d.kind}\t{len(d.text.encode('utf-8'))}\t{d.sha256}\n")
+                size = len(d.text.encode("utf-8"))
+                f.write(f"{split}\t{d.label}\t{d.kind}\t{size}\t{d.sha256}\n")
 
 
 def _replace_dir(new: str, target: str) -> None:

@@ -162,6 +162,8 @@ def write_indexed_dataset(jobs: Iterable[Job], output_prefix: str, spec: Tokeniz
     bin_tmp, idx_tmp = temp_path(prefix + ".bin"), temp_path(prefix + ".idx")
     builder = None
     start = time.monotonic()
+    if progress:
+        progress.restart()
     docs = tokens = text_bytes = empty = 0
     try:
         builder = IndexedDatasetBuilder(bin_tmp, dtype=dtype.type)
@@ -223,7 +225,9 @@ def preprocess_files(inputs: Sequence[str], output_prefix: str, tokenizer_model:
     """jsonl/text files (globs allowed, .gz read transparently) -> .bin/.idx."""
     paths = expand_inputs(inputs)
     spec = TokenizerSpec(str(tokenizer_model), tokenizer_library, dict(tokenizer_options or {}))
-    total = None if any(p.endswith(".gz") for p in paths) else sum(os.path.getsize(p) for p in paths)
+    # Progress counts raw bytes, so a percentage is only known for plain files.
+    gz = any(p.endswith(".gz") for p in paths)
+    total = None if gz else sum(os.path.getsize(p) for p in paths)
     progress = Progress(f"preprocess {os.path.basename(output_prefix)}", total, show_progress)
     return write_indexed_dataset(file_jobs(paths, input_format, text_mode), output_prefix, spec,
                                  text_field=text_field, workers=workers, append_eod=append_eod,

@@ -27,6 +27,10 @@ class Progress:
         self.docs = self.tokens = self.bytes = 0
         self.start = self._last = time.monotonic()
 
+    def restart(self) -> None:
+        """Start the clock now (after slow set-up such as imports)."""
+        self.start = self._last = time.monotonic()
+
     def update(self, docs: int = 0, tokens: int = 0, nbytes: int = 0) -> None:
         self.docs += docs
         self.tokens += tokens

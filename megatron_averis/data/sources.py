@@ -40,7 +40,7 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
     that every path is a readable, non-empty regular file."""
     paths: List[str] = []
     for pattern in patterns:
-        if glob.has_magic(pattern):
+        if any(ch in pattern for ch in "*?["):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
                 raise DataInputError(pattern, None, "the pattern matches no file",

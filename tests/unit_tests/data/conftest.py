@@ -1,7 +1,6 @@
 """Shared fixtures: a small tokenizer trained once per test session."""
 
 import json
-import os
 
 import pytest
 
