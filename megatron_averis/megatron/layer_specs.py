@@ -154,5 +154,3 @@ def check_config(config: TransformerConfig, qk_layernorm: bool) -> None:
     if config.ffn_hidden_size % tp:
         raise ValueError(f"ffn_hidden_size={config.ffn_hidden_size} is not divisible by "
                          f"tensor_model_parallel_size={tp}")
-    if config.context_parallel_size != 1:
-        raise ValueError("SDPA core attention has no context parallelism; set context_parallel_size=1")
