@@ -43,6 +43,8 @@ class LinearContext:
     """Everything the function needs besides tensors. One per module; `step()` per forward call.
 
     stream_id: identifies the layer in the stochastic-rounding stream (the same on all TP ranks).
+    replica_id: the data(+context)-parallel rank: replicas see different tokens at the same local
+        positions, so they must not share rounding bits (their noise would be correlated).
     gather_quantized: under SP, all-gather FP4 payloads (True) or BF16 tensors then quantize
         (False, the unquantized-communication baseline).
     accumulate_main_grad: add dW into weight.main_grad (FP32) as Megatron's
@@ -62,6 +64,7 @@ class LinearContext:
     accumulate_main_grad: bool = False
     out_stride: int = 1
     stream_id: int = 0
+    replica_id: int = 0
     call_index: int = 0
     signs: dict = field(default_factory=dict)
     observer: Callable[[str, QuantizedOperand], None] | None = None
@@ -96,7 +99,8 @@ class LinearContext:
         return self.call_index
 
     def seed(self, role: str, call_index: int) -> int:
-        return mix_seed(self.recipe.sr_seed, self.stream_id, call_index, OPERAND_ROLES.index(role))
+        return mix_seed(self.recipe.sr_seed, self.stream_id, call_index,
+                        OPERAND_ROLES.index(role), self.replica_id)
 
 
 def _quantize(ctx: LinearContext, role: str, x: torch.Tensor, call: int, *, mean_dim: int | None,

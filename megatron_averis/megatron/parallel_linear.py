@@ -31,6 +31,13 @@ def _stream_id() -> int:
     return stage * _STAGE_STRIDE + next_stream_id()
 
 
+def _replica_id() -> int:
+    """Data- and context-parallel rank: each replica gets its own stochastic-rounding bits."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 0
+    return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+
 def _fp4(recipe: Recipe | None) -> bool:
     return recipe is not None and not recipe.is_bf16
 
@@ -67,6 +74,7 @@ class _RecipeMixin:
             accumulate_main_grad=config.gradient_accumulation_fusion,
             out_stride=stride,
             stream_id=_stream_id(),
+            replica_id=_replica_id(),
         )
 
 
