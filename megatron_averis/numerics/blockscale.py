@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_averis.numerics.e2m1 import E2M1_MAX, decode_e2m1, encode_e2m1, pack_fp4, unpack_fp4
+from megatron_averis import kernels
+from megatron_averis.numerics.e2m1 import (
+    E2M1_MAX,
+    ROUNDING_MODES,
+    decode_e2m1,
+    encode_e2m1,
+    pack_fp4,
+    unpack_fp4,
+)
 from megatron_averis.numerics.random import position_uniform
 
 E4M3_MAX = 448.0
@@ -69,6 +77,10 @@ class QuantizedTensor:
     def scaled_values(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """code · block scale, without the tensor scale. Exact in BF16 for both formats:
         a 2-bit E2M1 significand times a 4-bit E4M3 (or 1-bit E8M0) significand fits BF16's 8."""
+        if dtype in (torch.bfloat16, torch.float32) and kernels.enabled(self.data):
+            from megatron_averis.kernels import fp4
+
+            return fp4.scaled_values(self, dtype)
         rows, cols = self.shape
         codes = unpack_fp4(self.data)
         vals = decode_e2m1(codes).view(rows, cols // self.block[1], self.block[1])
@@ -98,13 +110,19 @@ class QuantizedTensor:
         )
 
 
+def _check_rounding(rounding: str, sr_seed: int | None) -> None:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"unknown rounding {rounding!r}; use one of {ROUNDING_MODES}")
+    if rounding == "stochastic" and sr_seed is None:
+        raise ValueError("stochastic rounding needs an sr_seed")
+
+
 def _encode(
     scaled: torch.Tensor, rounding: str, sr_seed: int | None, rng_offset: tuple[int, int]
 ) -> torch.Tensor:
     uniform = None
     if rounding == "stochastic":
-        if sr_seed is None:
-            raise ValueError("stochastic rounding needs an sr_seed")
+        _check_rounding(rounding, sr_seed)
         uniform = position_uniform(tuple(scaled.shape), sr_seed, rng_offset, scaled.device)
     return encode_e2m1(scaled, rounding, uniform)
 
@@ -118,6 +136,19 @@ def _check_2d(x: torch.Tensor, block: tuple[int, int], what: str) -> None:
             f"{what}: shape {tuple(x.shape)} is not divisible by the {block[0]}x{block[1]} block; "
             f"pad or choose sizes that are multiples of the block"
         )
+
+
+def _fp32(x: torch.Tensor, subtract: torch.Tensor | None) -> torch.Tensor:
+    return x.float() if subtract is None else x.float() - subtract
+
+
+def abs_max(x: torch.Tensor, subtract: torch.Tensor | None = None) -> torch.Tensor:
+    """max |x - subtract| in FP32 as a 0-dim tensor (NaN if any element is NaN)."""
+    if kernels.use_for(x):
+        from megatron_averis.kernels import fp4
+
+        return fp4.amax(x, subtract)
+    return _fp32(x, subtract).abs().amax()
 
 
 def block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -148,17 +179,25 @@ def quantize_nvfp4(
     sr_seed: int | None = None,
     rng_offset: tuple[int, int] = (0, 0),
     amax: torch.Tensor | None = None,
+    subtract: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """NVFP4 along the last dimension with 1x16 or 16x16 blocks.
 
     `amax` overrides the tensor amax (tensor parallelism passes the group-wide value so that every
     shard gets the scale the whole tensor would have). `rng_offset` is this tensor's (row, col)
     position in the full tensor, so a shard draws the same stochastic-rounding bits as the whole.
+    `subtract` ([1, cols] or [rows, 1], FP32): quantize x.float() - subtract (the Averis residual;
+    the GPU kernel subtracts in registers instead of materializing it).
     """
     if block not in ((1, NVFP4_BLOCK), (NVFP4_BLOCK, NVFP4_BLOCK)):
         raise ValueError(f"NVFP4 blocks are 1x16 or 16x16, got {block[0]}x{block[1]}")
     _check_2d(x, block, "NVFP4 quantization")
-    x32 = x.float()
+    if kernels.use_for(x):
+        from megatron_averis.kernels import fp4
+
+        _check_rounding(rounding, sr_seed)
+        return fp4.quantize(x, "nvfp4", block, rounding, sr_seed, rng_offset, amax, subtract)
+    x32 = _fp32(x, subtract)
     if amax is None:
         amax = x32.abs().amax()
     s_enc, s_dec = nvfp4_tensor_scales(amax)
@@ -179,15 +218,22 @@ def quantize_mxfp4(
     rounding: str = "rne",
     sr_seed: int | None = None,
     rng_offset: tuple[int, int] = (0, 0),
+    subtract: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """MXFP4 along the last dimension: 1x32 blocks, shared scale 2^(floor(log2 amax) - 2) in E8M0.
 
     This is the OCP MX v1.0 rule (elements above 6 after scaling saturate). A block of zeros gets
-    the smallest scale, 2^-127. Non-finite blocks decode to NaN (E8M0 code 0xFF).
+    the smallest scale, 2^-127. Non-finite blocks decode to NaN (E8M0 code 0xFF). `subtract` as
+    in quantize_nvfp4.
     """
     block = (1, MXFP4_BLOCK)
     _check_2d(x, block, "MXFP4 quantization")
-    x32 = x.float()
+    if kernels.use_for(x):
+        from megatron_averis.kernels import fp4
+
+        _check_rounding(rounding, sr_seed)
+        return fp4.quantize(x, "mxfp4", block, rounding, sr_seed, rng_offset, None, subtract)
+    x32 = _fp32(x, subtract)
     rows, cols = x.shape
     amax = block_amax(x32, block)
     # frexp gives amax = m·2^e with m in [0.5, 1): floor(log2 amax) = e - 1 exactly.

@@ -31,7 +31,12 @@ from typing import Protocol
 
 import torch
 
-from megatron_averis.numerics.blockscale import QuantizedTensor, quantize_mxfp4, quantize_nvfp4
+from megatron_averis.numerics.blockscale import (
+    QuantizedTensor,
+    abs_max,
+    quantize_mxfp4,
+    quantize_nvfp4,
+)
 from megatron_averis.numerics.hadamard import blockwise_rht
 
 
@@ -200,29 +205,31 @@ def quantize_operand(
 
     if mean is not None and (mean_dim is None or (mean_dim == 0 and signs is not None)):
         raise ValueError("a precomputed mean needs a mean split without rotation along the mean")
-    r = x.float()
+    # The quantizers take the FP32 residual as (r, sub): r.float() - sub is computed inside them
+    # (in registers by the GPU kernels), so R = X - μ̂ is never materialized.
+    r, sub = x, None
     if mean_dim == 0:
         if signs is not None:
-            r = blockwise_rht(r, signs)
+            r = blockwise_rht(r.float(), signs)
         if mean is None:
             mean = _store_mean(token_mean(r, 0, reducer), mean_format)
-        r = r - _as_fp32(mean).view(1, -1)
+        sub = _as_fp32(mean).view(1, -1)
     elif mean_dim == 1:
         if mean is None:
             mean = _store_mean(token_mean(r, 1, reducer), mean_format)
-        r = r - _as_fp32(mean).view(-1, 1)
+        sub = _as_fp32(mean).view(-1, 1)
         if signs is not None:
-            r = blockwise_rht(r, signs)
+            r, sub = blockwise_rht(r.float() - sub, signs), None
     elif signs is not None:
-        r = blockwise_rht(r, signs)
+        r = blockwise_rht(r.float(), signs)
 
     if fmt == "nvfp4":
-        amax = reducer.max(r.abs().amax())
-        qt = quantize_nvfp4(r, block, rounding, sr_seed, rng_offset, amax=amax)
+        amax = reducer.max(abs_max(r, sub))
+        qt = quantize_nvfp4(r, block, rounding, sr_seed, rng_offset, amax=amax, subtract=sub)
     elif fmt == "mxfp4":
         if block != (1, 32):
             raise ValueError(f"MXFP4 uses 1x32 blocks, got {block[0]}x{block[1]}")
-        qt = quantize_mxfp4(r, rounding, sr_seed, rng_offset)
+        qt = quantize_mxfp4(r, rounding, sr_seed, rng_offset, subtract=sub)
     else:
         raise ValueError(f"unknown operand format {fmt!r}; use bf16, nvfp4 or mxfp4")
     return QuantizedOperand(

@@ -1,0 +1,317 @@
+"""Fused FP4 quantization, residual amax and dequantization in Triton (see kernels/__init__.py).
+
+Each kernel follows numerics.blockscale / numerics.e2m1 / numerics.random step by step in FP32 with
+the same roundings, so codes, scales and tensor scales are bit-identical to the reference:
+
+- Every amax is a maximum of |x| bit patterns as int32: for non-negative floats integer order is
+  float order and NaN patterns sort above inf, so a NaN propagates as in torch.amax. A maximum does
+  not depend on the order it is taken in, so tiles, atomics and layouts cannot change it.
+- Divisions that the reference performs tensor by tensor use div_rn: Triton's `/` on FP32 is an
+  approximate division.
+- E4M3 rounding is done on the FP32 bit pattern (RNE to 3 mantissa bits, subnormals on the 2^-9
+  grid). Triton's interpreter rounds fp32->float8e4nv wrongly when rounding carries into the next
+  binade, and this keeps the interpreter and the GPU on one code path.
+- MXFP4 divides by a power of two; multiplying by its exact reciprocal rounds identically.
+- FMA contraction is disabled (enable_fp_fusion=False) so every product is rounded before it is
+  added, as in the reference's separate PyTorch ops.
+- Stochastic rounding re-implements random.position_uniform (MurmurHash3's finalizer on uint32,
+  which wraps exactly like the reference's masked int64 arithmetic) and e2m1._stochastic_index.
+
+Operands are [R, C] views with arbitrary strides, blocks along C: a wgrad operand Xᵀ is quantized
+by reading X [T, K] with swapped strides, without a transposed copy. `sub` (FP32, [1, C] or [R, 1])
+is subtracted in registers: the Averis residual R = X - μ̂ is never materialized.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_averis.numerics.blockscale import MXFP4_BLOCK, QuantizedTensor
+from megatron_averis.numerics.random import fmix32
+
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# float32(1/6), written exactly: the reference multiplies S_enc by the FP32-rounded 1/6.
+ONE_SIXTH_F32 = tl.constexpr(0.1666666716337204)
+E4M3_MAX = tl.constexpr(448.0)
+E4M3_MIN_NORMAL = tl.constexpr(0.015625)  # 2^-6
+TWO_POW_23 = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _fmix32(h):
+    # MurmurHash3 finalizer on uint32 (random.fmix32): uint32 products wrap mod 2^32.
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _load_operand(x_ptr, sx_r, sx_c, sub_ptr, r, c, R, C, SUB_DIM: tl.constexpr):
+    """FP32 x[r, c] - sub, and 0 outside the tensor (r, c: broadcastable int64 indices)."""
+    mask = (r < R) & (c < C)
+    x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
+    if SUB_DIM == 0:
+        x = x - tl.load(sub_ptr + c, mask=c < C, other=0.0)
+    elif SUB_DIM == 1:
+        x = x - tl.load(sub_ptr + r, mask=r < R, other=0.0)
+    return tl.where(mask, x, 0.0)
+
+
+@triton.jit
+def _abs_bits(x):
+    return (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _amax_kernel(x_ptr, sx_r, sx_c, sub_ptr, out_ptr, R, C,
+                 BR: tl.constexpr, BC: tl.constexpr, SUB_DIM: tl.constexpr):
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]
+    c = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)[None, :]
+    bits = _abs_bits(_load_operand(x_ptr, sx_r, sx_c, sub_ptr, r, c, R, C, SUB_DIM))
+    tl.atomic_max(out_ptr, tl.max(tl.max(bits, axis=1), axis=0))
+
+
+@triton.jit
+def _e4m3_rne(v):
+    """(E4M3 code, its FP32 value) for v in [0, 448] or NaN, rounded to nearest even."""
+    b = v.to(tl.uint32, bitcast=True)
+    rn = (b + 0x7FFFF + ((b >> 20) & 1)) & 0xFFF00000  # RNE to 3 mantissa bits (normal range)
+    normal = (((rn >> 23) - 120) << 3) | ((rn >> 20) & 7)
+    # Subnormal E4M3 (below 2^-6) sits on the 2^-9 grid: v·512 is exact and adding 2^23 rounds
+    # it to an integer with RNE; 8 (a carry) is the code of 2^-6 itself.
+    q = (v * 512.0 + TWO_POW_23) - TWO_POW_23
+    tiny = v < E4M3_MIN_NORMAL
+    code = tl.where(tiny, q.to(tl.uint32), normal)
+    value = tl.where(tiny, q * 0.001953125, rn.to(tl.float32, bitcast=True))
+    is_nan = v != v
+    return tl.where(is_nan, 0x7F, code), tl.where(is_nan, v, value)
+
+
+@triton.jit
+def _encode_e2m1(y, r, c, key, off_r, off_c, SR: tl.constexpr):
+    """E2M1 codes of scaled values y (e2m1.encode_e2m1); r, c: local indices for the SR hash."""
+    a = _abs_bits(y).to(tl.float32, bitcast=True)
+    neg = (y < 0.0).to(tl.int32)
+    if SR:
+        a = tl.where(a > 6.0, 6.0, a)  # keeps NaN, like torch.clamp
+        lo = ((a >= 0.5).to(tl.int32) + (a >= 1.0).to(tl.int32) + (a >= 1.5).to(tl.int32)
+              + (a >= 2.0).to(tl.int32) + (a >= 3.0).to(tl.int32) + (a >= 4.0).to(tl.int32)
+              + (a >= 6.0).to(tl.int32))
+        lo_v = tl.where(a >= 6.0, 6.0, tl.where(a >= 4.0, 4.0, tl.where(a >= 3.0, 3.0, tl.where(
+            a >= 2.0, 2.0, tl.where(a >= 1.5, 1.5, tl.where(a >= 1.0, 1.0, tl.where(a >= 0.5, 0.5, 0.0)))))))
+        # The gap to the next value is a power of two (1 past the top, as in the reference), so
+        # multiplying by its reciprocal equals the reference's division.
+        inv_gap = tl.where(lo < 4, 2.0, tl.where(lo == 6, 0.5, 1.0))
+        p_up = (a - lo_v) * inv_gap
+        keyu = key.to(tl.uint32, bitcast=True)
+        hr = _fmix32((off_r + r).to(tl.uint32) * 0x9E3779B1 + keyu)
+        h = _fmix32((hr ^ ((off_c + c).to(tl.uint32) * 0x85EBCA77)) ^ keyu)
+        u = (h >> 8).to(tl.float32) * 5.9604644775390625e-08  # 24 random bits · 2^-24
+        idx = lo + (u < p_up).to(tl.int32)
+    else:
+        # Round to nearest, ties to the even code (e2m1._RNE_STEPS); clamping to 6 first would
+        # not change any of these comparisons.
+        idx = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+               + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+               + (a > 5.0).to(tl.int32))
+    return idx | (neg << 3)
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, sx_r, sx_c, sub_ptr, amax_ptr, q_ptr, s_ptr, ts_ptr,
+    R, C, key, off_r, off_c,
+    BR: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+    MX: tl.constexpr, SR: tl.constexpr, SUB_DIM: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    blks = pid_c * NB + tl.arange(0, NB)
+    r3 = rows.to(tl.int64)[:, None, None]
+    c3 = (blks[:, None] * BK + tl.arange(0, BK)[None, :]).to(tl.int64)[None, :, :]
+    x = _load_operand(x_ptr, sx_r, sx_c, sub_ptr, r3, c3, R, C, SUB_DIM)  # [BR, NB, BK]
+
+    bmax = tl.max(_abs_bits(x), axis=2)  # [BR, NB]
+    if BM > 1:
+        bmax = tl.max(tl.reshape(bmax, [BR // BM, BM, NB]), axis=1)  # [BR/BM, NB]
+
+    if MX:
+        # blockscale.quantize_mxfp4: exponent floor(log2 amax) - 2 from the FP32 exponent field,
+        # clamped to [-127, 127]; zero / subnormal amax -> 2^-127. torch.frexp gives exponent 0
+        # for inf (scale 2^-3), and NaN fails `amax > 0` (scale 2^-127); both store 0xFF.
+        biased = (bmax >> 23) & 0xFF
+        is_nan = bmax > 0x7F800000
+        is_inf = bmax == 0x7F800000
+        e8 = tl.maximum(biased - 2, 0)
+        e8 = tl.where(is_inf, 124, e8)
+        e8 = tl.where(is_nan, 0, e8)
+        stored = tl.where(is_nan | is_inf, 255, e8)
+        mult = ((254 - e8) << 23).to(tl.float32, bitcast=True)  # 2^(127 - e8), exact
+        if (pid_r == 0) & (pid_c == 0):
+            tl.store(ts_ptr, 1.0)
+    else:
+        # blockscale.nvfp4_tensor_scales
+        amax = tl.load(amax_ptr)
+        s_enc = tl.math.div_rn(tl.full([], 2688.0, tl.float32), amax)
+        s_enc = tl.where(s_enc > FLT_MAX, FLT_MAX, s_enc)
+        s_enc = tl.where(s_enc == 0.0, 1.0, s_enc)
+        s_dec = tl.math.div_rn(tl.full([], 1.0, tl.float32), s_enc)
+        s_dec = tl.where(_abs_bits(amax) < 0x7F800000, s_dec, float("nan"))
+        if (pid_r == 0) & (pid_c == 0):
+            tl.store(ts_ptr, s_dec)
+        # block scale: E4M3(min(block_amax · (S_enc · 1/6), 448)), then 1 / (s_blk · s_dec)
+        v = bmax.to(tl.float32, bitcast=True) * (s_enc * ONE_SIXTH_F32)
+        v = tl.where(v > FLT_MAX, FLT_MAX, v)
+        v = tl.where(v > E4M3_MAX, E4M3_MAX, v)
+        stored, s_blk = _e4m3_rne(v)
+        mult = tl.math.div_rn(tl.full(s_blk.shape, 1.0, tl.float32), s_blk * s_dec)
+        mult = tl.where(mult > FLT_MAX, FLT_MAX, mult)
+    if BM > 1:
+        mult = tl.reshape(tl.broadcast_to(tl.expand_dims(mult, 1), [BR // BM, BM, NB]), [BR, NB])
+
+    codes = _encode_e2m1(x * tl.expand_dims(mult, 2), r3, c3, key, off_r, off_c, SR)
+    lo, hi = tl.split(tl.reshape(codes, [BR, NB, BK // 2, 2]))
+    half_c = C // 2
+    qc = (blks[:, None] * (BK // 2) + tl.arange(0, BK // 2)[None, :]).to(tl.int64)[None, :, :]
+    tl.store(q_ptr + r3 * half_c + qc, (lo | (hi << 4)).to(tl.uint8), mask=(r3 < R) & (qc < half_c))
+
+    n_sc = C // BK
+    srows = (pid_r * (BR // BM) + tl.arange(0, BR // BM)).to(tl.int64)[:, None]
+    sc = blks[None, :]
+    tl.store(s_ptr + srows * n_sc + sc, stored.to(tl.uint8), mask=(srows < R // BM) & (sc < n_sc))
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, out_ptr, R, C,
+                    BR: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+                    MX: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    blks = tl.program_id(1) * NB + tl.arange(0, NB)
+    r3 = rows.to(tl.int64)[:, None, None]
+    half_c = C // 2
+    qc = (blks[:, None] * (BK // 2) + tl.arange(0, BK // 2)[None, :]).to(tl.int64)[None, :, :]
+    b = tl.load(q_ptr + r3 * half_c + qc, mask=(r3 < R) & (qc < half_c), other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(b & 0xF, b >> 4), [BR, NB, BK])  # element 2i in the low nibble
+    i = codes & 7
+    mag = tl.where(i < 4, i.to(tl.float32) * 0.5,
+                   tl.where(i < 6, (i - 2).to(tl.float32), ((i - 4) * 2).to(tl.float32)))
+    # the sign goes in as a bit: Triton's unary minus is 0 - x, which turns code 8 (-0.0) into +0.0
+    val = (mag.to(tl.int32, bitcast=True) | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
+
+    n_sc = C // BK
+    sr = (rows // BM).to(tl.int64)[:, None]
+    sc = blks[None, :]
+    s = tl.load(s_ptr + sr * n_sc + sc, mask=(sr < R // BM) & (sc < n_sc), other=0).to(tl.int32)
+    if MX:  # blockscale.e8m0_to_fp32
+        scale = tl.where(s > 0, s << 23, 1 << 22).to(tl.float32, bitcast=True)
+        scale = tl.where(s == 0xFF, float("nan"), scale)
+    else:  # E4M3 -> FP32 (exact)
+        e = (s >> 3) & 0xF
+        m = s & 7
+        scale = tl.where(e == 0, m.to(tl.float32) * 0.001953125,
+                         (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True))
+        scale = tl.where((s & 0x7F) == 0x7F, float("nan"), scale)
+        scale = (scale.to(tl.int32, bitcast=True) | ((s & 0x80) << 24)).to(tl.float32, bitcast=True)
+    out = val * tl.expand_dims(scale, 2)
+    c3 = (blks[:, None] * BK + tl.arange(0, BK)[None, :]).to(tl.int64)[None, :, :]
+    tl.store(out_ptr + r3 * C + c3, out.to(out_ptr.dtype.element_ty), mask=(r3 < R) & (c3 < C))
+
+
+# ---- host side -----------------------------------------------------------------------------
+
+_LAUNCH = dict(num_warps=4)
+
+
+def _tile(R: int, C: int, x: torch.Tensor, bk: int, bm: int) -> tuple[int, int]:
+    """(rows, columns) per program: ~4K elements, the long side along x's contiguous dimension."""
+    if x.stride(1) != 1 and x.stride(0) == 1:  # read transposed: rows are contiguous in memory
+        br, bc = 128, 32
+    else:
+        br, bc = 32, 128
+    br = max(bm, min(br, triton.next_power_of_2(R)))
+    bc = max(bk, min(bc, triton.next_power_of_2(C)))
+    return br, bc
+
+
+def _sub_arg(x: torch.Tensor, sub: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    if sub is None:
+        return x, -1
+    R, C = x.shape
+    if tuple(sub.shape) == (1, C):
+        dim = 0
+    elif tuple(sub.shape) == (R, 1):
+        dim = 1
+    else:
+        raise ValueError(f"cannot subtract a {tuple(sub.shape)} tensor from a {R}x{C} operand "
+                         "(expected [1, cols] or [rows, 1])")
+    return sub.to(device=x.device, dtype=torch.float32).contiguous(), dim
+
+
+def _int32(v: int) -> int:
+    """A uint32 as the int32 with the same bits (Triton passes ints >= 2^31 as int64)."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def amax(x: torch.Tensor, sub: torch.Tensor | None = None) -> torch.Tensor:
+    """max |x - sub| as an FP32 0-dim tensor (NaN if any element is NaN), like
+    (x.float() - sub).abs().amax()."""
+    R, C = x.shape
+    sub_t, sub_dim = _sub_arg(x, sub)
+    out = torch.zeros(1, dtype=torch.int32, device=x.device)
+    br, bc = _tile(R, C, x, 1, 1)
+    grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
+    _amax_kernel[grid](x, x.stride(0), x.stride(1), sub_t, out, R, C,
+                       BR=br, BC=bc, SUB_DIM=sub_dim, **_LAUNCH)
+    return out.view(torch.float32).view(())
+
+
+def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str, sr_seed: int | None,
+             rng_offset: tuple[int, int], amax_t: torch.Tensor | None = None,
+             sub: torch.Tensor | None = None) -> QuantizedTensor:
+    """NVFP4 (1x16, 16x16) or MXFP4 (1x32) codes of x - sub along the last dimension; the caller
+    (blockscale) has validated the arguments. NVFP4 takes the tensor amax `amax_t` if given."""
+    R, C = x.shape
+    bm, bk = block
+    mx = fmt == "mxfp4"
+    sr = rounding == "stochastic"
+    sub_t, sub_dim = _sub_arg(x, sub)
+    data = torch.empty(R, C // 2, dtype=torch.uint8, device=x.device)
+    tensor_scale = torch.empty((), dtype=torch.float32, device=x.device)
+    if mx:
+        scales = torch.empty(R, C // MXFP4_BLOCK, dtype=torch.uint8, device=x.device)
+        amax_arg = tensor_scale  # unused
+    else:
+        scales = torch.empty(R // bm, C // bk, dtype=torch.float8_e4m3fn, device=x.device)
+        if amax_t is None:
+            amax_t = amax(x, sub)
+        amax_arg = amax_t.to(device=x.device, dtype=torch.float32).reshape(1)
+    key = _int32(fmix32(int(sr_seed) & 0xFFFFFFFF)) if sr else 0
+    br, bc = _tile(R, C, x, bk, bm)
+    grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
+    _quantize_kernel[grid](
+        x, x.stride(0), x.stride(1), sub_t, amax_arg, data, scales.view(torch.uint8), tensor_scale,
+        R, C, key, int(rng_offset[0]), int(rng_offset[1]),
+        BR=br, NB=bc // bk, BK=bk, BM=bm, MX=mx, SR=sr, SUB_DIM=sub_dim,
+        enable_fp_fusion=False, **_LAUNCH,
+    )
+    return QuantizedTensor(data, scales, tensor_scale, fmt, tuple(block), (R, C))
+
+
+def scaled_values(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """QuantizedTensor.scaled_values: code × block scale, written as `dtype` (BF16 or FP32)."""
+    R, C = qt.shape
+    bm, bk = qt.block
+    data = qt.data.contiguous()
+    out = torch.empty(R, C, dtype=dtype, device=data.device)
+    br, bc = _tile(R, C, out, bk, bm)
+    grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
+    _dequant_kernel[grid](data, qt.block_scales.contiguous().view(torch.uint8), out, R, C,
+                          BR=br, NB=bc // bk, BK=bk, BM=bm, MX=qt.fmt == "mxfp4", **_LAUNCH)
+    return out

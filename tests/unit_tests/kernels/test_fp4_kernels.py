@@ -1,0 +1,345 @@
+"""Triton FP4 kernels against the PyTorch reference: identical codes, scales, tensor scales, means."""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_averis import kernels
+from megatron_averis.linear import QuantizedLinear
+from megatron_averis.numerics import (
+    QuantizedTensor,
+    quantize_mxfp4,
+    quantize_nvfp4,
+    quantize_operand,
+    random_signs,
+)
+from megatron_averis.numerics.blockscale import abs_max
+from megatron_averis.recipes import get_recipe
+
+GPU_ONLY_ROWS = 4096  # larger shapes are too slow for the interpreter
+
+
+def _skip_big(dev, rows, cols):
+    if dev.type == "cpu" and rows * cols > GPU_ONLY_ROWS * 64:
+        pytest.skip("large shape: GPU only")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts kernel launches per entry point, to prove the kernel path ran."""
+    from megatron_averis.kernels import fp4
+
+    calls = {"quantize": 0, "amax": 0, "scaled_values": 0}
+    for name in calls:
+        orig = getattr(fp4, name)
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            calls[_name] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(fp4, name, spy)
+    return calls
+
+
+def _data(rows, cols, seed, dtype=torch.float32, device="cpu", kind="mixed"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) + 3 * torch.randn(cols, generator=g)
+    if kind == "mixed":
+        # outlier columns, an all-zero block, tiny blocks (subnormal E4M3 scales), huge values
+        x[:, 3] *= 40
+        x[: min(rows, 16), :16] = 0
+        x[-1, -16:] *= 1e-30
+        x[rows // 2, : min(cols, 32)] *= 1e-6
+        x[rows // 3, -1] = 3e4
+    return x.to(dtype).to(device)
+
+
+def assert_same_qt(got: QuantizedTensor, want: QuantizedTensor):
+    assert (got.fmt, got.block, tuple(got.shape)) == (want.fmt, want.block, tuple(want.shape))
+    assert got.data.dtype == want.data.dtype and got.block_scales.dtype == want.block_scales.dtype
+    assert got.data.shape == want.data.shape and got.block_scales.shape == want.block_scales.shape
+    assert torch.equal(got.data, want.data), (got.data != want.data).sum().item()
+    gs, ws = got.block_scales.float(), want.block_scales.float()
+    assert torch.equal(gs.isnan(), ws.isnan())
+    # NaN payloads/signs may differ; every other scale must be the same bit pattern
+    ok = ~ws.isnan()
+    assert torch.equal(got.block_scales.view(torch.uint8)[ok], want.block_scales.view(torch.uint8)[ok])
+    gt, wt = got.tensor_scale, want.tensor_scale
+    assert gt.shape == wt.shape and gt.dtype == wt.dtype and gt.device == wt.device
+    assert torch.equal(gt.isnan(), wt.isnan())
+    if not wt.isnan():
+        assert gt.view(torch.int32) == wt.view(torch.int32), (gt.item(), wt.item())
+
+
+def assert_same_tensor(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if got.is_floating_point():
+        assert torch.equal(got.isnan(), want.isnan())
+        ok = ~want.isnan()
+        # bit patterns, so that -0.0 and +0.0 count as different
+        bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+        assert torch.equal(got[ok].view(bits[got.dtype]), want[ok].view(bits[want.dtype]))
+    else:
+        assert torch.equal(got, want)
+
+
+def assert_same_operand(got, want):
+    assert got.shape == want.shape and got.mean_dim == want.mean_dim
+    assert got.transposed == want.transposed
+    assert_same_qt(got.qt, want.qt)
+    if want.mean is None:
+        assert got.mean is None
+    elif isinstance(want.mean, QuantizedTensor):
+        assert_same_qt(got.mean, want.mean)
+    else:
+        assert_same_tensor(got.mean, want.mean)
+
+
+SHAPES = [(48, 80), (999, 96), (1000, 96), (16, 16), (64, 1040), (8192, 3072)]
+NVFP4_BLOCKS = [(1, 16), (16, 16)]
+
+
+def _shape_for(shape, block):
+    rows, cols = shape
+    rows -= rows % block[0]
+    cols -= cols % block[1]
+    return max(rows, block[0]), max(cols, block[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("block", NVFP4_BLOCKS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rounding", ["rne", "stochastic"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_nvfp4_matches_reference(kdev, reference, kernel_calls, shape, block, dtype, rounding,
+                                 transposed):
+    rows, cols = _shape_for(shape, block)
+    _skip_big(kdev, rows, cols)
+    if dtype == torch.float16 and (rounding, transposed) != ("rne", False):
+        pytest.skip("fp16 input: one combination is enough")
+    src = _data(cols, rows, 1, dtype, kdev) if transposed else _data(rows, cols, 1, dtype, kdev)
+    x = src.t() if transposed else src  # the operand view; no transposed copy
+    kw = dict(block=block, rounding=rounding, sr_seed=1234 + rows, rng_offset=(32, 48))
+    got = quantize_nvfp4(x, **kw)
+    with reference():
+        want = quantize_nvfp4(x, **kw)
+    assert kernel_calls["quantize"] == 1 and kernel_calls["amax"] == 1
+    assert_same_qt(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(48, 96), (999, 96), (1000, 160), (64, 1056), (8192, 3072)])
+@pytest.mark.parametrize("rounding", ["rne", "stochastic"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_mxfp4_matches_reference(kdev, reference, kernel_calls, shape, dtype, rounding, transposed):
+    rows, cols = shape
+    _skip_big(kdev, rows, cols)
+    src = _data(cols, rows, 2, dtype, kdev) if transposed else _data(rows, cols, 2, dtype, kdev)
+    x = src.t() if transposed else src
+    kw = dict(rounding=rounding, sr_seed=77, rng_offset=(5, 1024))
+    got = quantize_mxfp4(x, **kw)
+    with reference():
+        want = quantize_mxfp4(x, **kw)
+    assert kernel_calls["quantize"] == 1
+    assert_same_qt(got, want)
+
+
+def test_rne_ties_and_saturation(kdev, reference):
+    """MXFP4 with block amax 6·2^k scales by exactly 2^k: every E2M1 midpoint is a tie."""
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.0, -0.0, 0.1, 5.9])
+    row = torch.cat([mids, -mids, mids * 0.5, -mids * 0.5, torch.full((16,), 6.0)])[:64]
+    x = torch.stack([row * 2.0**k for k in range(-8, 8)]).to(kdev)
+    got = quantize_mxfp4(x)
+    with reference():
+        want = quantize_mxfp4(x)
+    assert_same_qt(got, want)
+    for block in NVFP4_BLOCKS:
+        got = quantize_nvfp4(x, block)
+        with reference():
+            want = quantize_nvfp4(x, block)
+        assert_same_qt(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "nvfp4-16x16", "mxfp4"])
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
+def test_non_finite_inputs(kdev, reference, fmt, bad):
+    x = _data(64, 128, 3, torch.float32, "cpu")
+    x[5, 7] = float(bad)
+    x = x.to(kdev)
+    for rounding in ("rne", "stochastic"):
+        if fmt == "mxfp4":
+            got = quantize_mxfp4(x, rounding, sr_seed=3)
+            with reference():
+                want = quantize_mxfp4(x, rounding, sr_seed=3)
+        else:
+            block = (16, 16) if fmt.endswith("16x16") else (1, 16)
+            got = quantize_nvfp4(x, block, rounding, sr_seed=3)
+            with reference():
+                want = quantize_nvfp4(x, block, rounding, sr_seed=3)
+        assert_same_qt(got, want)
+
+
+def test_amax_override_and_zero_tensor(kdev, reference):
+    x = _data(32, 64, 4, torch.bfloat16, kdev)
+    for amax in (torch.tensor(1e3), torch.tensor(0.5), torch.tensor(0.0), torch.tensor(float("inf"))):
+        got = quantize_nvfp4(x, amax=amax.to(kdev))
+        with reference():
+            want = quantize_nvfp4(x, amax=amax.to(kdev))
+        assert_same_qt(got, want)
+    z = torch.zeros(32, 64, device=kdev)
+    got = quantize_nvfp4(z)
+    with reference():
+        want = quantize_nvfp4(z)
+    assert_same_qt(got, want)
+
+
+@pytest.mark.parametrize("sub_dim", [0, 1])
+def test_abs_max_with_subtraction(kdev, reference, sub_dim):
+    x = _data(96, 64, 5, torch.bfloat16, kdev)
+    sub = torch.randn(64 if sub_dim == 0 else 96, device=kdev)
+    sub = sub.view(1, -1) if sub_dim == 0 else sub.view(-1, 1)
+    got = abs_max(x, sub)
+    with reference():
+        want = abs_max(x, sub)
+    assert_same_tensor(got, want)
+    x[3, 3] = float("nan")
+    assert abs_max(x, sub).isnan()
+
+
+@pytest.mark.parametrize("fmt,block", [("nvfp4", (1, 16)), ("nvfp4", (16, 16)), ("mxfp4", (1, 32))])
+@pytest.mark.parametrize("shape", [(48, 96), (1000, 96), (8192, 3072)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_scaled_values_match_reference(kdev, reference, kernel_calls, fmt, block, shape, dtype):
+    rows, cols = _shape_for(shape, block)
+    _skip_big(kdev, rows, cols)
+    x = _data(rows, cols, 6, torch.float32, kdev)
+    x[7, 40] = float("nan")  # a NaN scale must decode to NaN
+    with reference():
+        qt = quantize_mxfp4(x) if fmt == "mxfp4" else quantize_nvfp4(x, block, amax=x[:6].abs().amax())
+        want = qt.scaled_values(dtype)
+    got = qt.scaled_values(dtype)
+    assert kernel_calls["scaled_values"] == 1
+    assert_same_tensor(got, want)
+
+
+class RecordingReducer:
+    """A TP reducer stand-in: records what it is handed and returns a modified global value."""
+
+    def __init__(self):
+        self.sums, self.maxes = [], []
+
+    def sum(self, t):
+        self.sums.append(t.clone())
+        return t * 2  # as if two ranks held the same statistics: the mean is unchanged
+
+    def max(self, t):
+        self.maxes.append(t.clone())
+        return torch.maximum(t, torch.full_like(t, 9.0))
+
+
+OPERAND_CASES = [
+    # (mean_dim, rht, mean_format)
+    (None, False, "bf16"), (None, True, "bf16"),
+    (0, False, "bf16"), (0, False, "fp32"), (0, False, "nvfp4"), (0, True, "bf16"),
+    (1, False, "bf16"), (1, False, "fp32"), (1, True, "bf16"), (1, True, "nvfp4"),
+]
+
+
+@pytest.mark.parametrize("mean_dim,rht,mean_format", OPERAND_CASES)
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("rounding", ["rne", "stochastic"])
+@pytest.mark.parametrize("shape", [(64, 96), (992, 160), (8192, 3072)])
+def test_quantize_operand_matches_reference(kdev, reference, kernel_calls, mean_dim, rht,
+                                            mean_format, fmt, rounding, shape):
+    """fprop/dgrad operands [T, K] (mean_dim 0) and wgrad operands Xᵀ read from X [T, K]
+    (mean_dim 1), with the mean split, the RHT, and the reducer hooks."""
+    t, k = shape
+    _skip_big(kdev, t, k)
+    x_src = _data(t, k, 7, torch.bfloat16, kdev)
+    x = x_src.t() if mean_dim == 1 else x_src
+    kw = dict(block=(1, 32) if fmt == "mxfp4" else (1, 16), rounding=rounding, mean_dim=mean_dim,
+              mean_format=mean_format, signs=random_signs(11).to(kdev) if rht else None,
+              sr_seed=99, rng_offset=(16, 32), transposed=mean_dim == 1)
+    red_got, red_want = RecordingReducer(), RecordingReducer()
+    got = quantize_operand(x, fmt, reducer=red_got, **kw)
+    with reference():
+        want = quantize_operand(x, fmt, reducer=red_want, **kw)
+    assert kernel_calls["quantize"] >= 1
+    assert_same_operand(got, want)
+    assert len(red_got.sums) == len(red_want.sums) and len(red_got.maxes) == len(red_want.maxes)
+    for a, b in zip(red_got.sums + red_got.maxes, red_want.sums + red_want.maxes):
+        assert_same_tensor(a, b)
+
+
+def test_quantize_operand_with_shared_mean(kdev, reference):
+    """The wgrad operand Xᵀ reusing fprop's stored μ (the linear layer's `mean=`)."""
+    x = _data(256, 96, 8, torch.bfloat16, kdev)
+    fprop = quantize_operand(x, "nvfp4", mean_dim=0)
+    kw = dict(mean_dim=1, rounding="stochastic", sr_seed=5, mean=fprop.mean, transposed=True)
+    got = quantize_operand(x.t(), "nvfp4", **kw)
+    with reference():
+        want_f = quantize_operand(x, "nvfp4", mean_dim=0)
+        want = quantize_operand(x.t(), "nvfp4", **kw)
+    assert_same_operand(fprop, want_f)
+    assert_same_operand(got, want)
+
+
+def test_env_switch_forces_reference(kdev, monkeypatch, kernel_calls):
+    x = _data(32, 64, 9, torch.float32, kdev)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    quantize_nvfp4(x)
+    quantize_operand(x, "mxfp4", block=(1, 32), mean_dim=0)
+    assert kernel_calls == {"quantize": 0, "amax": 0, "scaled_values": 0}
+    monkeypatch.setenv(kernels.ENV_SWITCH, "1")
+    quantize_nvfp4(x)
+    assert kernel_calls["quantize"] == 1
+
+
+def test_argument_errors_match_reference(kdev):
+    x = _data(32, 64, 10, torch.float32, kdev)
+    with pytest.raises(ValueError, match="needs an sr_seed"):
+        quantize_nvfp4(x, rounding="stochastic")
+    with pytest.raises(ValueError, match="unknown rounding"):
+        quantize_mxfp4(x, rounding="up")
+    with pytest.raises(ValueError, match="not divisible"):
+        quantize_nvfp4(x[:, :40])
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "averis", "mxfp4", "nvfp4-rht", "averis-rht"])
+def test_linear_step_identical_with_kernels(kdev, reference, recipe):
+    """The whole quantized linear (forward + backward): same outputs and gradients bit for bit."""
+    x = _data(128, 64, 11, torch.float32, kdev)
+    gy = _data(128, 96, 12, torch.float32, kdev) * 0.01
+
+    def run():
+        # a fresh layer: the SR seeds depend on the layer's call counter
+        torch.manual_seed(0)
+        layer = QuantizedLinear(64, 96, recipe=get_recipe(recipe), device=kdev, stream_id=3)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(gy)
+        return y.detach(), xi.grad, layer.weight.grad
+
+    got = run()
+    with reference():
+        want = run()
+    for a, b in zip(got, want):
+        assert_same_tensor(a, b)
+
+
+def test_sr_stream_matches_position_uniform(kdev, reference):
+    """Shards quantized with their global offsets reproduce the whole tensor's SR codes."""
+    x = _data(64, 128, 13, torch.float32, kdev)
+    amax = x.abs().amax()
+    whole = quantize_nvfp4(x, rounding="stochastic", sr_seed=42, amax=amax)
+    top = quantize_nvfp4(x[:32], rounding="stochastic", sr_seed=42, amax=amax)
+    right = quantize_nvfp4(x[32:, 64:], rounding="stochastic", sr_seed=42, amax=amax,
+                           rng_offset=(32, 64))
+    assert torch.equal(top.data, whole.data[:32])
+    assert torch.equal(right.data, whole.data[32:, 32:])
+    # and SR is unbiased-looking: the kernel's codes differ from RNE's for a good share of elements
+    rne = quantize_nvfp4(x, amax=amax)
+    frac = (rne.data != whole.data).float().mean().item()
+    assert 0.2 < frac < 0.95, frac
+    np.testing.assert_array_equal(whole.block_scales.float().cpu().numpy(),
+                                  rne.block_scales.float().cpu().numpy())
