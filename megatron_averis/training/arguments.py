@@ -1,0 +1,465 @@
+"""Command line of `python -m megatron_averis.pretrain`: flags, defaults and start-up validation.
+
+Flags carry Megatron-LM's names wherever the meaning is the same. `finalize_args` resolves the
+model preset, the recipe and the derived sizes, and checks everything that can be checked before
+any process group, model or dataset exists; it reports every problem at once, each with the change
+that fixes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+
+from megatron_averis.recipes import PRESETS as RECIPE_PRESETS
+from megatron_averis.recipes import RecipeError, check_linear_shape, check_token_count, get_recipe
+from megatron_averis.training.checkpoint_dirs import find_latest_checkpoint
+from megatron_averis.training.presets import PRESETS as MODEL_PRESETS
+from megatron_averis.training.presets import ModelArch
+
+FP4_RECIPES = tuple(name for name in RECIPE_PRESETS if name != "bf16")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+# Architecture flags a preset fills in when they are not given (argparse dest -> ModelArch field).
+ARCH_FLAGS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",
+    "kv_channels": "kv_channels",
+    "qk_layernorm": "qk_layernorm",
+    "rotary_base": "rotary_base",
+    "norm_epsilon": "norm_epsilon",
+    "max_position_embeddings": "max_position_embeddings",
+    "init_method_std": "init_method_std",
+}
+
+
+class ConfigError(ValueError):
+    """The command line cannot run; `problems` lists each reason with its fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_averis.pretrain",
+        description="Pretrain a GPT model with megatron-core under a BF16 or FP4 (Averis) recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model-preset", choices=sorted(MODEL_PRESETS),
+                   help="architecture preset; the flags below override single fields")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--num-query-groups", type=int, help="key/value heads (grouped-query attention)")
+    g.add_argument("--kv-channels", type=int, help="head dimension")
+    g.add_argument("--qk-layernorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="RMSNorm on queries and keys (Qwen3)")
+    g.add_argument("--rotary-base", type=float, help="RoPE theta")
+    g.add_argument("--norm-epsilon", type=float)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--init-method-std", type=float)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="separate output layer (presets tie it to the embedding)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the tokenizer's vocabulary to a multiple of this times TP")
+
+    g = p.add_argument_group("precision and FP4 recipe")
+    g.add_argument("--bf16", action="store_true",
+                   help="BF16 parameters and activations, unquantized GEMMs (recipe 'bf16')")
+    g.add_argument("--fp4-recipe", choices=FP4_RECIPES,
+                   help="FP4 GEMM recipe for the transformer layers' linears (implies --bf16)")
+    g.add_argument("--fp4-recipe-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one recipe knob, e.g. wgrad_rht=false or grads.rounding=rne "
+                        "(repeatable; see docs/recipes.md)")
+    g.add_argument("--first-last-layers-bf16", action="store_true",
+                   help="keep the first/last transformer layers in BF16 under an FP4 recipe")
+    g.add_argument("--num-layers-at-start-in-bf16", type=int, default=None,
+                   help="with --first-last-layers-bf16 (default 1)")
+    g.add_argument("--num-layers-at-end-in-bf16", type=int, default=None,
+                   help="with --first-last-layers-bf16 (default 1)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard optimizer state and FP32 main parameters over data-parallel ranks")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the data-parallel gradient reduction with the backward pass")
+    g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
+                   help="default: nccl with CUDA, gloo on CPU")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+    g = p.add_argument_group("batch and sequence")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="sequences per optimizer step (default: micro-batch x data-parallel size)")
+    g.add_argument("--seq-length", type=int, required=True)
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, required=True, help="peak learning rate (AdamW)")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-wsd-decay-style", choices=WSD_DECAY_STYLES, default="exponential")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="length of the final decay of the WSD schedule")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--seed", type=int, default=1234,
+                   help="seeds weights, data order and every RNG stream")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="indexed-dataset prefixes, optionally weighted: 'P' or 'W1 P1 W2 P2 ...'; "
+                        "split into train/valid/test by --split")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test weights for --data-path")
+    g.add_argument("--train-data-path", nargs="*", default=None)
+    g.add_argument("--valid-data-path", nargs="*", default=None)
+    g.add_argument("--test-data-path", nargs="*", default=None)
+    g.add_argument("--data-cache-path", default=None,
+                   help="where megatron-core caches dataset indices (default: beside the data)")
+    g.add_argument("--tokenizer-model", required=True,
+                   help="sentencepiece .model or HuggingFace tokenizer.json/folder")
+    g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10,
+                   help="global batches per validation (0: none); the same batches every time")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--load", default=None,
+                   help="checkpoint directory to resume from (may be the same as --save)")
+    g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration, not the latest")
+    g.add_argument("--no-load-optim", action="store_true", help="load weights only")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="distributed-optimizer state loadable under any parallel layout "
+                        "(gathers on save); default: reshardable over data-parallel size only")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM, save a checkpoint and exit (SLURM preemption)")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--run-name", default=None, help="default: <preset>-<recipe>")
+    g.add_argument("--log-dir", default=None,
+                   help="metrics.jsonl, config.json, TensorBoard (default: --save, else runs/<run-name>)")
+    g.add_argument("--tensorboard-dir", default=None, help="default: <log-dir>/tensorboard")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-GPU peak for MFU (default: dense BF16 peak of known GPUs)")
+    g.add_argument("--wandb-mode", choices=("online", "offline", "disabled"), default=None,
+                   help="default: offline when wandb is installed (sync later with `wandb sync`)")
+    g.add_argument("--wandb-project", default="megatron-averis")
+    g.add_argument("--wandb-group", default=None, help="default: the model preset")
+    g.add_argument("--wandb-exp-name", default=None, help="default: the run name")
+    g.add_argument("--wandb-save-dir", default=None, help="default: <log-dir>/wandb")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def _arch_from_args(args, problems: list[str]) -> ModelArch | None:
+    preset = MODEL_PRESETS[args.model_preset].arch if args.model_preset else None
+    values = {}
+    for dest, field in ARCH_FLAGS.items():
+        v = getattr(args, dest)
+        if v is None and preset is not None:
+            v = getattr(preset, field)
+        values[field] = v
+    if values["num_query_groups"] is None:
+        values["num_query_groups"] = values["num_attention_heads"]
+    if values["kv_channels"] is None and values["hidden_size"] and values["num_attention_heads"]:
+        if values["hidden_size"] % values["num_attention_heads"]:
+            problems.append(f"--hidden-size {values['hidden_size']} is not divisible by "
+                            f"--num-attention-heads {values['num_attention_heads']}; "
+                            "set --kv-channels (the head dimension) explicitly")
+            return None
+        values["kv_channels"] = values["hidden_size"] // values["num_attention_heads"]
+    defaults = {"qk_layernorm": False, "rotary_base": 10000.0, "norm_epsilon": 1e-5,
+                "init_method_std": 0.02}
+    for k, v in defaults.items():
+        if values[k] is None:
+            values[k] = v
+    if values["ffn_hidden_size"] is None and values["hidden_size"]:
+        values["ffn_hidden_size"] = 4 * values["hidden_size"]
+    if values["max_position_embeddings"] is None:
+        values["max_position_embeddings"] = args.seq_length
+    missing = [f"--{k.replace('_', '-')}" for k in ("num_layers", "hidden_size", "num_attention_heads")
+               if values[k] is None]
+    if missing:
+        problems.append(f"the model is not defined: give --model-preset {{{','.join(sorted(MODEL_PRESETS))}}} "
+                        f"or {' '.join(missing)}")
+        return None
+    tie = preset.tie_embeddings if preset is not None else False
+    values["tie_embeddings"] = tie and not args.untie_embeddings_and_output_weights
+    return ModelArch(**values)
+
+
+def _recipe_from_args(args, problems: list[str]):
+    overrides = list(args.fp4_recipe_override)
+    if args.first_last_layers_bf16:
+        start = 1 if args.num_layers_at_start_in_bf16 is None else args.num_layers_at_start_in_bf16
+        end = 1 if args.num_layers_at_end_in_bf16 is None else args.num_layers_at_end_in_bf16
+        overrides += [f"bf16_first_layers={start}", f"bf16_last_layers={end}"]
+    elif args.num_layers_at_start_in_bf16 is not None or args.num_layers_at_end_in_bf16 is not None:
+        problems.append("--num-layers-at-start/end-in-bf16 have no effect without "
+                        "--first-last-layers-bf16; add it or drop them")
+    if not args.fp4_recipe and (args.fp4_recipe_override or args.first_last_layers_bf16):
+        problems.append("--fp4-recipe-override / --first-last-layers-bf16 change an FP4 recipe; "
+                        f"choose one with --fp4-recipe {{{','.join(FP4_RECIPES)}}}")
+        return get_recipe("bf16")
+    try:
+        return get_recipe(args.fp4_recipe or "bf16", overrides)
+    except RecipeError as e:
+        problems.append(f"{e} (from --fp4-recipe / --fp4-recipe-override)")
+        return None
+
+
+def _blend_problems(flag: str, values: list[str] | None) -> list[str]:
+    """Prefixes of 'P ...' or 'W1 P1 W2 P2 ...' must exist as .bin/.idx pairs."""
+    if values is None:
+        return []
+    if not values:
+        return [f"{flag} is empty; give at least one dataset prefix"]
+    weighted = len(values) % 2 == 0 and all(_is_number(v) for v in values[0::2])
+    prefixes = values[1::2] if weighted else values
+    problems = []
+    if len(values) % 2 == 0 and not weighted and any(_is_number(v) for v in values):
+        problems.append(f"{flag}: mix of weights and prefixes {values}; use 'W1 P1 W2 P2 ...' or "
+                        "prefixes only")
+    for prefix in prefixes:
+        missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            problems.append(f"{flag}: dataset {prefix!r} has no {' / '.join(prefix + m for m in missing)}; "
+                            "pass the prefix of files written by tools/preprocess_data.py "
+                            "(without .bin/.idx)")
+    return problems
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _split_weights(split: str) -> list[float] | None:
+    try:
+        w = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        return None
+    return w + [0.0] * (3 - len(w)) if 1 <= len(w) <= 3 and all(x >= 0 for x in w) and sum(w) > 0 \
+        else None
+
+
+def _fp4_shape_problems(args, arch: ModelArch, recipe) -> list[str]:
+    """The quantized GEMMs' dimensions (per tensor-parallel rank) must split into whole blocks."""
+    tp = args.tensor_model_parallel_size
+    q, kv = arch.num_attention_heads * arch.kv_channels, arch.num_query_groups * arch.kv_channels
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    shapes = {"linear_qkv": (h, (q + 2 * kv) // tp), "linear_proj": (q // tp, h),
+              "linear_fc1": (h, 2 * f // tp), "linear_fc2": (f // tp, h)}
+    problems = []
+    for name, (fin, fout) in shapes.items():
+        try:
+            check_linear_shape(recipe, fin, fout, f"{name} (per TP rank)")
+        except RecipeError as e:
+            problems.append(f"{e}; change the model size or --tensor-model-parallel-size")
+    tokens = args.micro_batch_size * args.seq_length // (tp if args.sequence_parallel else 1)
+    try:
+        check_token_count(recipe, tokens, "tokens per micro-batch (per rank)")
+    except RecipeError as e:
+        problems.append(f"{e} (--micro-batch-size {args.micro_batch_size} x --seq-length "
+                        f"{args.seq_length}" + (f" / TP {tp} under --sequence-parallel)"
+                                                if args.sequence_parallel else ")"))
+    return problems
+
+
+def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Resolve preset, recipe and derived sizes in place; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+
+    arch = _arch_from_args(args, problems)
+    recipe = _recipe_from_args(args, problems)
+    args.arch, args.recipe = arch, recipe
+    args.bf16 = bool(args.bf16 or args.fp4_recipe)
+    args.run_name = args.run_name or f"{args.model_preset or 'custom'}-{args.fp4_recipe or ('bf16' if args.bf16 else 'fp32')}"
+
+    # Parallel layout and batch.
+    for flag, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                    ("--micro-batch-size", args.micro_batch_size), ("--seq-length", args.seq_length),
+                    ("--train-iters", args.train_iters)):
+        if v < 1:
+            problems.append(f"{flag} must be >= 1, got {v}")
+    if world_size % (tp * pp):
+        problems.append(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
+                        "launch a multiple of TP x PP processes or change the parallel sizes")
+        args.data_parallel_size = 1
+    else:
+        args.data_parallel_size = world_size // (tp * pp)
+    dp = args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    per_step = args.micro_batch_size * dp
+    if per_step and args.global_batch_size % per_step:
+        lo = max(per_step, args.global_batch_size - args.global_batch_size % per_step)
+        problems.append(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                        f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp} = "
+                        f"{per_step}; use e.g. --global-batch-size {lo} or {lo + per_step}")
+    args.num_microbatches = max(1, args.global_batch_size // max(per_step, 1))
+
+    if args.sequence_parallel and tp == 1:
+        problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1; drop it or raise TP")
+    if args.sequence_parallel and tp > 1 and args.seq_length % tp:
+        problems.append(f"--seq-length {args.seq_length} is not divisible by TP {tp}, as "
+                        "--sequence-parallel requires")
+
+    if arch is not None:
+        if arch.num_attention_heads % tp:
+            problems.append(f"TP {tp} does not divide the {arch.num_attention_heads} attention heads; "
+                            "choose --tensor-model-parallel-size among its divisors")
+        if arch.num_query_groups % tp:
+            problems.append(f"TP {tp} does not divide the {arch.num_query_groups} key/value heads "
+                            "(--num-query-groups); choose a TP size that divides it")
+        if arch.num_attention_heads % arch.num_query_groups:
+            problems.append(f"--num-attention-heads {arch.num_attention_heads} is not a multiple of "
+                            f"--num-query-groups {arch.num_query_groups}")
+        if arch.ffn_hidden_size % tp:
+            problems.append(f"TP {tp} does not divide --ffn-hidden-size {arch.ffn_hidden_size}")
+        if arch.num_layers % pp:
+            problems.append(f"--num-layers {arch.num_layers} is not divisible by "
+                            f"--pipeline-model-parallel-size {pp}; every stage holds the same number "
+                            "of layers")
+        if args.seq_length > arch.max_position_embeddings:
+            problems.append(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                            f"{arch.max_position_embeddings}")
+        if recipe is not None:
+            edge = recipe.bf16_first_layers + recipe.bf16_last_layers
+            if edge > arch.num_layers:
+                problems.append(f"{edge} BF16 edge layers requested but the model has "
+                                f"{arch.num_layers}; lower --num-layers-at-start/end-in-bf16")
+            if not recipe.is_bf16:
+                problems += _fp4_shape_problems(args, arch, recipe)
+
+    # Learning-rate schedule.
+    if args.lr <= 0:
+        problems.append(f"--lr must be > 0, got {args.lr}")
+    if args.min_lr > args.lr:
+        problems.append(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters < 0 or args.lr_warmup_iters >= max(args.lr_decay_iters, 1):
+        problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be >= 0 and below "
+                        f"--lr-decay-iters {args.lr_decay_iters}")
+    if args.lr_decay_style == "WSD":
+        if args.lr_wsd_decay_iters is None:
+            problems.append("--lr-decay-style WSD needs --lr-wsd-decay-iters (the length of the "
+                            "final decay), e.g. 20% of --train-iters")
+        elif not 0 < args.lr_wsd_decay_iters <= args.lr_decay_iters - args.lr_warmup_iters:
+            problems.append(f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} must be in "
+                            f"(0, --lr-decay-iters - --lr-warmup-iters = "
+                            f"{args.lr_decay_iters - args.lr_warmup_iters}]")
+    if args.recompute_granularity == "full" and (args.recompute_method is None
+                                                 or args.recompute_num_layers is None):
+        problems.append("--recompute-granularity full needs --recompute-method {uniform,block} and "
+                        "--recompute-num-layers N")
+
+    # Data and tokenizer.
+    if not os.path.exists(args.tokenizer_model):
+        problems.append(f"--tokenizer-model {args.tokenizer_model!r} does not exist; give a "
+                        "sentencepiece .model or a HuggingFace tokenizer.json (tools/train_tokenizer.py "
+                        "trains one)")
+    per_split = any(x is not None for x in (args.train_data_path, args.valid_data_path,
+                                            args.test_data_path))
+    if args.data_path is not None and per_split:
+        problems.append("give either --data-path (with --split) or --train/valid/test-data-path, "
+                        "not both")
+    elif args.data_path is None and args.train_data_path is None:
+        problems.append("no training data: give --data-path PREFIX (or 'W1 P1 W2 P2 ...') or "
+                        "--train-data-path")
+    problems += _blend_problems("--data-path", args.data_path)
+    for split in ("train", "valid", "test"):
+        problems += _blend_problems(f"--{split}-data-path", getattr(args, f"{split}_data_path"))
+    if args.data_path is not None:
+        weights = _split_weights(args.split)
+        if weights is None:
+            problems.append(f"--split {args.split!r} must be up to three non-negative weights "
+                            "'train,valid,test' with a positive sum, e.g. 969,30,1")
+        elif weights[0] == 0:
+            problems.append(f"--split {args.split!r} leaves no training data; give train a weight")
+        has_valid = weights is not None and weights[1] > 0
+        args.has_test_data = weights is not None and weights[2] > 0
+    else:
+        has_valid = args.valid_data_path is not None
+        args.has_test_data = args.test_data_path is not None
+    if args.eval_iters < 0 or args.eval_interval < 1:
+        problems.append("--eval-iters must be >= 0 and --eval-interval >= 1")
+    if args.eval_iters > 0 and not has_valid:
+        problems.append("validation is on (--eval-iters > 0) but there is no validation data: give "
+                        "--split with a validation weight, --valid-data-path, or --eval-iters 0")
+    args.has_valid_data = has_valid and args.eval_iters > 0
+
+    # Checkpoints.
+    if args.save_interval is not None and args.save_interval < 1:
+        problems.append("--save-interval must be >= 1")
+    if args.save_interval is not None and not args.save:
+        problems.append("--save-interval needs --save DIR")
+    if args.save and importlib.util.find_spec("psutil") is None:
+        # megatron-core's torch_dist checkpoint writer needs it in its worker processes, and
+        # without it the save hangs rather than failing.
+        problems.append("--save needs the psutil package (megatron-core's checkpoint writer uses "
+                        "it); `pip install psutil`")
+    if args.exit_signal_handler and not args.save:
+        problems.append("--exit-signal-handler saves a checkpoint on SIGTERM and needs --save DIR")
+    if args.ckpt_step is not None and not args.load:
+        problems.append("--ckpt-step needs --load DIR")
+    if args.save and not args.load:
+        try:
+            latest = find_latest_checkpoint(args.save)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            problems.append(f"--save {args.save!r}: {e}")
+            latest = None
+        if latest is not None:
+            problems.append(f"--save {args.save!r} already holds a checkpoint (iteration "
+                            f"{latest[0]}); resume it with --load {args.save}, or choose an empty "
+                            "--save directory")
+
+    # Logging.
+    if args.log_interval < 1:
+        problems.append("--log-interval must be >= 1")
+    if args.wandb_mode in ("online", "offline") and importlib.util.find_spec("wandb") is None:
+        problems.append(f"--wandb-mode {args.wandb_mode} but wandb is not installed; "
+                        "`pip install wandb`, or drop --wandb-mode")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        problems.append("--peak-tflops must be > 0")
+    args.log_dir = args.log_dir or args.save or os.path.join("runs", args.run_name)
+    args.tensorboard_dir = args.tensorboard_dir or os.path.join(args.log_dir, "tensorboard")
+
+    if problems:
+        raise ConfigError(problems)
+    return args

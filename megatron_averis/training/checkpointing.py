@@ -1,0 +1,135 @@
+"""Save and resume with megatron-core dist_checkpointing: complete and atomic.
+
+A checkpoint holds the model, the optimizer (FP32 main parameters and Adam moments, sharded the
+way the optimizer is), the LR scheduler, every RNG stream of every rank (rng_state.py), the data
+position (consumed samples; data order is a function of the seed) and the full configuration.
+Directory layout and atomic commit: checkpoint_dirs.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelSaveStrategyWrapper,
+)
+
+from megatron_averis.training import checkpoint_dirs, rng_state
+
+# Fields of the configuration that must match for a checkpoint to load into this model.
+_ARCH_MUST_MATCH = ("arch", "padded_vocab_size")
+
+
+def _layout() -> list[int]:
+    return [parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_data_parallel_world_size()]
+
+
+def _rank_coords() -> tuple[int, int, int]:
+    return (parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank())
+
+
+class Checkpointer:
+    """Saves and loads the whole training state of this process's model chunks."""
+
+    def __init__(self, args, model_chunks, optimizer, scheduler, config_dict: dict):
+        self.args = args
+        self.model = model_chunks
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.config_dict = config_dict
+        self._optim_metadata = {
+            "distrib_optim_sharding_type": ("fully_reshardable"
+                                            if args.dist_ckpt_optim_fully_reshardable
+                                            else "dp_reshardable"),
+        }
+
+    def _sharded_state_dict(self, *, is_loading: bool, optimizer: bool, rng: bool,
+                            train_state: dict | None = None) -> dict:
+        # The models' own keys, without the DDP wrapper's "module." prefix.
+        if len(self.model) == 1:
+            state = {"model": self.model[0].module.sharded_state_dict()}
+        else:
+            state = {f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(self.model)}
+        if optimizer:
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                state, is_loading=is_loading, metadata=self._optim_metadata)
+        state["scheduler"] = self.scheduler.state_dict()
+        state["train_state"] = dict(train_state or {})
+        state["config"] = self.config_dict
+        state["parallel_layout"] = _layout()
+        if rng:
+            # One object per rank: TP ranks differ in their tracker streams, DP ranks may differ
+            # in Python/NumPy state and stochastic-rounding counters do not, but keeping every
+            # rank's own state makes the resume exact without reasoning about which are equal.
+            state["rng_state"] = ShardedObject("rng_state", rng_state.capture(self.model),
+                                               tuple(_layout()), _rank_coords(), replica_id=0)
+        return state
+
+    def save(self, iteration: int, train_state: dict) -> tuple[str, float]:
+        """Write a checkpoint of `iteration`; returns (directory, seconds). Collective."""
+        start = time.monotonic()
+        root = self.args.save
+        rank = torch.distributed.get_rank()
+        if rank == 0:
+            checkpoint_dirs.prepare_temp_dir(root, iteration)
+        torch.distributed.barrier()
+        state = self._sharded_state_dict(is_loading=False, optimizer=True, rng=True,
+                                         train_state=train_state)
+        # Replicated tensors are written by one data-parallel rank each, spread over the group.
+        strategy = FullyParallelSaveStrategyWrapper(
+            get_default_save_sharded_strategy(),
+            parallel_state.get_data_parallel_group(with_context_parallel=True))
+        dist_checkpointing.save(state, checkpoint_dirs.temp_dir(root, iteration),
+                                sharded_strategy=strategy)
+        torch.distributed.barrier()  # every rank's files are written before the commit
+        final = [None]
+        if rank == 0:
+            final[0] = checkpoint_dirs.commit(root, iteration, train_state)
+        torch.distributed.broadcast_object_list(final, src=0)
+        return final[0], time.monotonic() - start
+
+    def load(self) -> dict | None:
+        """Restore everything from --load; returns the saved train state, or None when --load
+        holds no checkpoint yet (a fresh start). Collective."""
+        found = checkpoint_dirs.find_checkpoint(self.args.load, self.args.ckpt_step)
+        if found is None:
+            return None
+        iteration, path = found
+        common = dist_checkpointing.load_common_state_dict(path)
+        self._check_compatible(common["config"], path)
+        load_rng = not self.args.no_load_rng and common["parallel_layout"] == _layout()
+        load_optim = not self.args.no_load_optim
+        state = self._sharded_state_dict(is_loading=True, optimizer=load_optim, rng=load_rng)
+        loaded = dist_checkpointing.load(state, path)
+        if len(self.model) == 1:
+            self.model[0].load_state_dict(loaded["model"])
+        else:
+            for i, m in enumerate(self.model):
+                m.load_state_dict(loaded[f"model{i}"])
+        if load_optim:
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        if load_rng:
+            rng_state.restore(loaded["rng_state"], self.model)
+        train_state = dict(loaded["train_state"])
+        train_state["loaded_from"] = path
+        train_state["rng_restored"] = load_rng
+        train_state["optimizer_restored"] = load_optim
+        assert train_state["iteration"] == iteration, (train_state["iteration"], iteration)
+        return train_state
+
+    def _check_compatible(self, saved: dict, path: str) -> None:
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {self.config_dict.get(k)!r}"
+                 for k in _ARCH_MUST_MATCH if saved.get(k) != self.config_dict.get(k)]
+        if diffs:
+            raise ValueError(f"checkpoint {path} was trained with a different model; "
+                             "use the same --model-preset / architecture flags and tokenizer:\n  "
+                             + "\n  ".join(diffs))

@@ -1,0 +1,111 @@
+"""Training, validation and test batches from megatron-core GPTDatasets over indexed datasets.
+
+Data order is a pure function of (--seed, the blend, --seq-length): megatron-core shuffles and
+caches its sample index once. Sample i of the training set is consumed at iteration
+i // global_batch; a global batch is the contiguous range [c, c + global_batch), dealt out to
+data-parallel ranks in micro-batches. Resuming therefore needs only the number of consumed
+samples. Validation uses the same first --eval-iters global batches of the validation set every
+time, so successive validation losses are comparable.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from megatron_averis.data.tokenizer import build_tokenizer
+
+
+def parse_blend(values: list[str] | None):
+    """'P1 P2 ...' or 'W1 P1 W2 P2 ...' -> (prefixes, weights or None) as megatron-core expects."""
+    if values is None:
+        return None
+    try:
+        weights = [float(w) for w in values[0::2]]
+        weighted = len(values) % 2 == 0
+    except ValueError:
+        weighted = False
+    if weighted:
+        return list(values[1::2]), weights
+    return list(values), None
+
+
+def load_tokenizer(args):
+    return build_tokenizer(args.tokenizer_model)
+
+
+def dataset_config(args, tokenizer) -> GPTDatasetConfig:
+    common = dict(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        # No explicit mask: causal attention without a mask lets SDPA pick its flash kernel.
+        create_attention_mask=False,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=True,
+    )
+    if args.data_path is not None:
+        return GPTDatasetConfig(blend=parse_blend(args.data_path), split=args.split, **common)
+    return GPTDatasetConfig(
+        blend_per_split=[parse_blend(args.train_data_path), parse_blend(args.valid_data_path),
+                         parse_blend(args.test_data_path)],
+        **common,
+    )
+
+
+def eval_samples(args) -> int:
+    return args.eval_iters * args.global_batch_size
+
+
+def build_datasets(args, tokenizer):
+    """(train, valid, test) datasets; valid/test are None when not used. Collective: rank 0
+    builds megatron-core's index caches first, the others then read them."""
+    sizes = [
+        args.train_iters * args.global_batch_size,
+        eval_samples(args) if args.has_valid_data else None,
+        eval_samples(args) if args.has_test_data and args.eval_iters > 0 else None,
+    ]
+    config = dataset_config(args, tokenizer)
+    if args.data_path is not None:
+        # megatron-core asks for sizes of unweighted splits it builds; unused ones get 0 samples.
+        sizes = [s if s is not None else 0 for s in sizes]
+    datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    train, valid, test = datasets
+    if train is None or len(train) == 0:
+        raise RuntimeError("the training split is empty; check --data-path/--split or "
+                           "--train-data-path")
+    return train, (valid if args.has_valid_data else None), (test if sizes[2] else None)
+
+
+class MicroBatchSampler:
+    """Sample indices of this data-parallel rank's micro-batches, from sample `start` on.
+
+    Global batch g covers samples [g*G, (g+1)*G) (G = global batch size); within it, micro-batch
+    step k gives data-parallel rank r the samples k*M*D + r*M ... + M (M = micro-batch, D = DP size).
+    """
+
+    def __init__(self, start: int, end: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.start, self.end = start, end
+        self.micro, self.rank, self.size = micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self):
+        step = self.micro * self.size
+        for first in range(self.start, self.end - step + 1, step):
+            lo = first + self.rank * self.micro
+            yield list(range(lo, lo + self.micro))
+
+    def __len__(self) -> int:
+        return max(0, (self.end - self.start) // (self.micro * self.size))
+
+
+def make_loader(dataset, start: int, end: int, args, dp_rank: int, dp_size: int,
+                pin_memory: bool, persistent: bool):
+    sampler = MicroBatchSampler(start, min(end, len(dataset)), args.micro_batch_size, dp_rank, dp_size)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=pin_memory,
+        persistent_workers=persistent and args.num_workers > 0,
+    )

@@ -1,0 +1,369 @@
+"""The pretraining program: set-up, the training loop, validation and checkpoints.
+
+One iteration = one global batch: megatron-core's forward-backward schedule (no pipelining, or
+1F1B across pipeline stages) runs the micro-batches, finalize_model_grads reduces gradients
+across data-parallel ranks and scales them by 1 / (tokens in the global batch), the optimizer
+clips the global gradient norm and steps, and the LR schedule advances by one global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_averis.training import data as data_lib
+from megatron_averis.training import distributed
+from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args
+from megatron_averis.training.checkpointing import Checkpointer
+from megatron_averis.training.cpu_compat import cpu_training
+from megatron_averis.training.metrics import (format_duration, interval_stats, memory_gib,
+                                              peak_tflops, progress_line)
+from megatron_averis.training.model import build_model, count_local_parameters, transformer_config
+from megatron_averis.training.optim import build_optimizer, build_scheduler, wrap_data_parallel
+from megatron_averis.training.presets import (padded_vocab_size, parameter_counts,
+                                              training_flops_per_iteration)
+from megatron_averis.training.rng_state import seed_everything
+from megatron_averis.training.writers import RunLogger
+
+
+def print0(*parts) -> None:
+    if torch.distributed.get_rank() == 0:
+        print(*parts, flush=True)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:,.2f}M"
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_config(args, tokenizer) -> dict:
+    """Everything that defines the run, identical on every rank (it goes into checkpoints)."""
+    import megatron.core
+
+    skip = {"arch", "recipe"}
+    cfg = {k: v for k, v in vars(args).items() if k not in skip}
+    cfg["arch"] = args.arch.as_dict()
+    cfg["recipe"] = dataclasses.asdict(args.recipe)
+    cfg["tokenizer"] = {"vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod}
+    cfg["world_size"] = torch.distributed.get_world_size()
+    cfg["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
+                       "megatron_core": megatron.core.__version__}
+    cfg["git_commit"] = _git_commit()
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of token losses and the token count; the schedule divides by the global count."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    total = torch.sum(losses * mask)
+    count = mask.sum()
+    return total, count.to(torch.int), {"lm loss": torch.stack([total.detach(), count.detach()])}
+
+
+class Trainer:
+    def __init__(self, args, env, device: torch.device):
+        self.args, self.env, self.device = args, env, device
+        self.world = torch.distributed.get_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        seed_everything(args.seed, parallel_state.get_pipeline_model_parallel_rank())
+
+        self.tokenizer = data_lib.load_tokenizer(args)
+        args.vocab_size = self.tokenizer.vocab_size
+        args.padded_vocab_size = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by,
+                                                   args.tensor_model_parallel_size)
+
+        self.config = transformer_config(args, device)
+        model = build_model(args, self.config, device)
+        self.local_parameters = count_local_parameters(model)
+        self.model = wrap_data_parallel(args, self.config, model)
+        self.optimizer = build_optimizer(args, self.config, self.model)
+        self.scheduler = build_scheduler(args, self.optimizer)
+        self.config_dict = run_config(args, self.tokenizer)
+        self.checkpointer = Checkpointer(args, self.model, self.optimizer, self.scheduler,
+                                         self.config_dict)
+        self.forward_backward = get_forward_backward_func()
+
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.resumed_from = None
+        if args.load:
+            state = self.checkpointer.load()
+            if state is not None:
+                self.iteration = state["iteration"]
+                self.consumed_samples = state["consumed_train_samples"]
+                self.resumed_from = state
+
+        self.train_ds, self.valid_ds, self.test_ds = data_lib.build_datasets(args, self.tokenizer)
+        self.logger = RunLogger(args, self.config_dict, enabled=torch.distributed.get_rank() == 0)
+        self.tokens_per_iteration = args.global_batch_size * args.seq_length
+        self.flops_per_iteration = training_flops_per_iteration(
+            args.arch, args.padded_vocab_size, args.seq_length, args.global_batch_size)
+        self.peak, self.peak_text = peak_tflops(device, args.peak_tflops)
+        self.stop_requested = False
+        if args.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._report_setup()
+
+    # -- set-up report ------------------------------------------------------------------
+    def _report_setup(self) -> None:
+        a = self.args
+        counts = parameter_counts(a.arch, a.padded_vocab_size)
+        device = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU")
+        tied = "tied with the output layer" if a.arch.tie_embeddings else \
+            f"+ output layer {_millions(counts['output_layer'])}"
+        lines = [
+            f"megatron-averis pretrain: run {a.run_name!r} | world {self.world} = TP "
+            f"{a.tensor_model_parallel_size} x PP {a.pipeline_model_parallel_size} x DP {self.dp_size}"
+            f"{' + SP' if a.sequence_parallel else ''} | {self.device.type} ({device}), "
+            f"{torch.distributed.get_backend()}",
+            f"model {a.model_preset or 'custom'}: {_millions(counts['total'])} parameters "
+            f"(embedding {_millions(counts['embedding'])} {tied}, decoder "
+            f"{_millions(counts['decoder'])}); this rank holds {_millions(self.local_parameters)}",
+            f"vocabulary {a.vocab_size} from {a.tokenizer_model}, padded to {a.padded_vocab_size}",
+            f"precision: {'BF16' if a.bf16 else 'FP32'} parameters, FP32 main grads"
+            f"{', distributed optimizer' if a.use_distributed_optimizer else ''}",
+            a.recipe.describe(),
+            f"batch: global {a.global_batch_size} = micro {a.micro_batch_size} x "
+            f"{a.num_microbatches} micro-batches x DP {self.dp_size}; seq {a.seq_length}; "
+            f"{self.tokens_per_iteration:,} tokens/step; "
+            f"{a.train_iters * self.tokens_per_iteration:,} tokens in {a.train_iters} steps",
+            f"lr: {a.lr_decay_style} {a.lr:g} -> {a.min_lr:g}, warm-up {a.lr_warmup_iters} iters "
+            f"from {a.lr_warmup_init:g}" + (f", WSD decay {a.lr_wsd_decay_iters} iters "
+                                           f"({a.lr_wsd_decay_style})" if a.lr_decay_style == "WSD" else "")
+            + f"; clip-grad {a.clip_grad:g}; seed {a.seed}",
+            f"model FLOPs: {self.flops_per_iteration / 1e12:,.2f} TFLOP per step; MFU against "
+            f"{self.peak_text}",
+            f"logs: {a.log_dir} (metrics.jsonl, config.json), TensorBoard {a.tensorboard_dir}",
+        ]
+        lines += self.logger.messages
+        if self.resumed_from:
+            r = self.resumed_from
+            lines.append(f"resumed from {r['loaded_from']} at iteration {r['iteration']} "
+                         f"({r['consumed_train_samples']:,} samples consumed)"
+                         + ("" if r["rng_restored"] else "; RNG state not restored")
+                         + ("" if r["optimizer_restored"] else "; optimizer state not restored"))
+        elif a.load:
+            lines.append(f"--load {a.load}: no checkpoint yet, starting from scratch")
+        print0("\n".join(lines))
+        if torch.distributed.get_rank() == 0:
+            start = {**self.config_dict, "launch_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "resumed_from": self.resumed_from}
+            with open(os.path.join(a.log_dir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(start, f, indent=2, sort_keys=True)
+            self.logger.record("start", self.iteration, {"config": start})
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    # -- one step -----------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
+        position_ids = batch["position_ids"].to(self.device, non_blocking=True)
+        output = model(tokens, position_ids, None, labels=labels)
+        return output, partial(_loss_func, loss_mask)
+
+    def _reduce_losses(self, losses_reduced) -> torch.Tensor:
+        """[sum of token losses, tokens] over the global batch, identical on every rank."""
+        total = torch.zeros(2, dtype=torch.float32, device=self.device)
+        for item in losses_reduced:  # empty except on the last pipeline stage
+            total += item["lm loss"].float()
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return total
+
+    def _schedule(self, data_iterator, forward_only: bool):
+        a = self.args
+        return self.forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=data_iterator,
+            model=self.model,
+            num_microbatches=a.num_microbatches,
+            seq_length=a.seq_length,
+            micro_batch_size=a.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, data_iterator):
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._schedule(data_iterator, forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=self.args.global_batch_size)
+        return self._reduce_losses(losses), grad_norm, lr, updated
+
+    # -- validation ---------------------------------------------------------------------
+    def evaluate(self, dataset) -> float:
+        a = self.args
+        for chunk in self.model:
+            chunk.eval()
+        loader = data_lib.make_loader(dataset, 0, data_lib.eval_samples(a), a, self.dp_rank,
+                                      self.dp_size, pin_memory=self.device.type == "cuda",
+                                      persistent=False)
+        iterator = iter(loader)
+        total = torch.zeros(2, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            for _ in range(a.eval_iters):
+                total += self._reduce_losses(self._schedule(iterator, forward_only=True))
+        for chunk in self.model:
+            chunk.train()
+        return (total[0] / total[1]).item()
+
+    def _validate(self, split: str, dataset) -> float:
+        start = time.monotonic()
+        loss = self.evaluate(dataset)
+        seconds = time.monotonic() - start
+        ppl = float(torch.tensor(loss).exp()) if loss < 50 else float("inf")
+        print0(f"{split} loss at step {self.iteration}: {loss:.4f} | ppl {ppl:.2f} | "
+               f"{_eval_tokens(self.args):,} tokens in {seconds:.1f} s")
+        self.logger.record(split, self.iteration, {"loss": loss, "ppl": ppl, "seconds": seconds},
+                           scalars={f"{split}/loss": loss, f"{split}/ppl": ppl})
+        return seconds
+
+    def _save(self) -> float:
+        train_state = {
+            "iteration": self.iteration,
+            "consumed_train_samples": self.consumed_samples,
+            "consumed_train_tokens": self.consumed_samples * self.args.seq_length,
+            "seed": self.args.seed,
+            "global_batch_size": self.args.global_batch_size,
+        }
+        path, seconds = self.checkpointer.save(self.iteration, train_state)
+        print0(f"saved checkpoint of step {self.iteration} to {path} in {seconds:.1f} s")
+        self.logger.record("checkpoint", self.iteration, {"path": path, "seconds": seconds})
+        self.last_saved = self.iteration
+        return seconds
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # -- the loop -----------------------------------------------------------------------
+    def train(self) -> None:
+        a = self.args
+        self.last_saved = self.iteration if self.resumed_from else None
+        loader = data_lib.make_loader(self.train_ds, self.consumed_samples,
+                                      a.train_iters * a.global_batch_size, a, self.dp_rank,
+                                      self.dp_size, pin_memory=self.device.type == "cuda",
+                                      persistent=True)
+        data_iterator = iter(loader)
+        window_losses, window_norms, skipped = [], [], 0
+        window_start, window_excluded, window_iters = time.monotonic(), 0.0, 0
+        stopped_by_signal = False
+        while self.iteration < a.train_iters:
+            loss, grad_norm, lr, updated = self.train_step(data_iterator)
+            self.iteration += 1
+            self.consumed_samples += a.global_batch_size
+            window_iters += 1
+            window_losses.append(loss)
+            if updated:
+                window_norms.append(grad_norm)
+            else:
+                skipped += 1
+
+            if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
+                iter_losses = torch.stack(window_losses)
+                mean_loss = (iter_losses[:, 0] / iter_losses[:, 1]).mean().item()
+                elapsed = time.monotonic() - window_start - window_excluded
+                stats = interval_stats(iterations=window_iters, seconds=elapsed,
+                                       tokens_per_iteration=self.tokens_per_iteration,
+                                       flops_per_iteration=self.flops_per_iteration,
+                                       world_size=self.world, peak=self.peak)
+                mem, mem_kind = memory_gib(self.device)
+                m = {"step": self.iteration, "loss": mean_loss, "lr": lr,
+                     "grad_norm": (sum(window_norms) / len(window_norms)) if window_norms else float("nan"),
+                     **stats, "memory_gib": mem, "memory_kind": mem_kind,
+                     "eta_seconds": stats["seconds_per_iteration"] * (a.train_iters - self.iteration),
+                     "consumed_samples": self.consumed_samples,
+                     "consumed_tokens": self.consumed_samples * a.seq_length,
+                     "skipped_iterations": skipped}
+                print0(progress_line(m, a.train_iters))
+                self.logger.record("train", self.iteration, m, scalars={
+                    "train/loss": m["loss"], "train/lr": lr, "train/grad_norm": m["grad_norm"],
+                    "perf/tokens_per_second": m["tokens_per_second"],
+                    "perf/tflops_per_gpu": m["tflops_per_gpu"], "perf/mfu": m["mfu"],
+                    "perf/memory_gib": mem, "perf/seconds_per_iteration": m["seconds_per_iteration"]})
+                window_losses, window_norms, skipped = [], [], 0
+                window_start, window_excluded, window_iters = time.monotonic(), 0.0, 0
+
+            if self.valid_ds is not None and self.iteration % a.eval_interval == 0:
+                window_excluded += self._validate("valid", self.valid_ds)
+            if a.save_interval and self.iteration % a.save_interval == 0:
+                window_excluded += self._save()
+            if a.exit_signal_handler and self._stop_agreed():
+                print0(f"SIGTERM received: saving and stopping at step {self.iteration}")
+                stopped_by_signal = True
+                break
+
+        if a.save and self.last_saved != self.iteration:
+            self._save()
+        if not stopped_by_signal:
+            if self.valid_ds is not None and self.iteration % a.eval_interval != 0:
+                self._validate("valid", self.valid_ds)
+            if self.test_ds is not None:
+                self._validate("test", self.test_ds)
+        self.logger.record("end", self.iteration, {"consumed_samples": self.consumed_samples,
+                                                   "stopped_by_signal": stopped_by_signal})
+        print0(f"done: step {self.iteration}/{a.train_iters}, "
+               f"{self.consumed_samples * a.seq_length:,} tokens consumed")
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def _eval_tokens(args) -> int:
+    return args.eval_iters * args.global_batch_size * args.seq_length
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = distributed.LaunchEnv.from_environ()
+    try:
+        finalize_args(args, env.world_size)
+    except ConfigError as e:
+        if env.rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    device = distributed.device_for(env)
+    start = time.monotonic()
+    with cpu_training():
+        distributed.initialize(args, env, device)
+        try:
+            trainer = Trainer(args, env, device)
+            try:
+                trainer.train()
+            finally:
+                trainer.close()
+            print0(f"wall time {format_duration(time.monotonic() - start)}")
+        finally:
+            distributed.shutdown()
+    return 0

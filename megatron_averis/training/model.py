@@ -1,0 +1,78 @@
+"""TransformerConfig from the command line, and this rank's GPTModel from the Averis spec."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_averis.megatron.model import build_gpt_model
+
+
+def transformer_config(args, device: torch.device) -> TransformerConfig:
+    a = args.arch
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    on_gpu = device.type == "cuda"
+    return TransformerConfig(
+        num_layers=a.num_layers,
+        hidden_size=a.hidden_size,
+        ffn_hidden_size=a.ffn_hidden_size,
+        num_attention_heads=a.num_attention_heads,
+        num_query_groups=a.num_query_groups,
+        kv_channels=a.kv_channels,
+        qk_layernorm=a.qk_layernorm,
+        normalization="RMSNorm",
+        layernorm_epsilon=a.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=a.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=args.bf16,
+        # Loss = sum over tokens / tokens in the global batch, whatever the micro-batching.
+        calculate_per_token_loss=True,
+        # Without CUDA, weights are initialised on the CPU from torch's generator.
+        use_cpu_initialization=not on_gpu,
+        # megatron-core's own jit-fused SwiGLU and bias-dropout-add (no TE/apex needed).
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        # apex's fused weight-gradient kernel is not required: FP4 linears accumulate into
+        # main_grad themselves and BF16 ones go through the DDP hook.
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        deallocate_pipeline_outputs=True,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+    )
+
+
+def build_model(args, config: TransformerConfig, device: torch.device) -> list[torch.nn.Module]:
+    """This pipeline stage's model chunk (a list, as megatron-core's schedules expect)."""
+    model = build_gpt_model(
+        config,
+        args.recipe,
+        vocab_size=args.padded_vocab_size,
+        max_seq_len=args.arch.max_position_embeddings,
+        qk_layernorm=args.arch.qk_layernorm,
+        rotary_base=args.arch.rotary_base,
+        share_embeddings_and_output_weights=args.arch.tie_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    model.to(device)
+    return [model]
+
+
+def count_local_parameters(model_chunks) -> int:
+    """Parameters this rank holds (a tied output layer on the last stage counts once more)."""
+    return sum(p.numel() for m in model_chunks for p in m.parameters())

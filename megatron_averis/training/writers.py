@@ -1,0 +1,108 @@
+"""Where metrics go: stdout, <log-dir>/metrics.jsonl, TensorBoard and (when installed) wandb.
+
+Only global rank 0 writes. metrics.jsonl is appended to, so a resumed run continues its file;
+every record has an "event" ("start", "train", "valid", "test", "checkpoint", "end") and the step.
+wandb runs are named from the preset and recipe (project megatron-averis, group = preset,
+name = run name) so that recipes of one model land in one dashboard; the run id is derived from
+the log directory, so a resumed run continues its wandb run. Offline mode needs no network
+(`wandb sync <log-dir>/wandb/offline-run-*` uploads later).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+
+
+def _jsonable(value):
+    if isinstance(value, float) and value != value:  # NaN is not JSON
+        return None
+    return value
+
+
+class MetricsFile:
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        record = {"time": round(time.time(), 3), **{k: _jsonable(v) for k, v in record.items()}}
+        self._f.write(json.dumps(record, sort_keys=True) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def wandb_status(mode: str | None) -> tuple[str, str]:
+    """(mode to use, message to print): disabled when wandb is missing and not asked for."""
+    installed = importlib.util.find_spec("wandb") is not None
+    if mode is None:
+        mode = os.environ.get("WANDB_MODE") or "offline"
+    if mode == "disabled":
+        return "disabled", "wandb: disabled (--wandb-mode disabled)"
+    if not installed:
+        return "disabled", ("wandb: not installed, so metrics go to TensorBoard and metrics.jsonl "
+                            "only (`pip install wandb` to add it; offline mode needs no network)")
+    return mode, f"wandb: {mode}"
+
+
+class RunLogger:
+    """Fan-out of one run's records; a no-op on ranks other than 0."""
+
+    def __init__(self, args, config_dict: dict, *, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        self.wandb_run = None
+        self.messages: list[str] = []
+        if not enabled:
+            return
+        os.makedirs(args.log_dir, exist_ok=True)
+        self.metrics = MetricsFile(os.path.join(args.log_dir, "metrics.jsonl"))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(log_dir=args.tensorboard_dir)
+        mode, message = wandb_status(args.wandb_mode)
+        self.messages.append(message)
+        if mode != "disabled":
+            import wandb
+
+            save_dir = args.wandb_save_dir or os.path.join(args.log_dir, "wandb")
+            os.makedirs(save_dir, exist_ok=True)
+            run_id = hashlib.sha1(os.path.abspath(args.log_dir).encode()).hexdigest()[:16]
+            self.wandb_run = wandb.init(
+                project=args.wandb_project,
+                group=args.wandb_group or (args.model_preset or "custom"),
+                name=args.wandb_exp_name or args.run_name,
+                id=run_id,
+                resume="allow",
+                dir=save_dir,
+                mode=mode,
+                config=config_dict,
+            )
+            self.messages.append(f"wandb: run {run_id} in project {args.wandb_project!r}, "
+                                 f"files under {save_dir}")
+
+    def record(self, event: str, step: int, values: dict, *, scalars: dict | None = None) -> None:
+        """Write one record; `scalars` (name -> number) also go to TensorBoard and wandb."""
+        if not self.enabled:
+            return
+        self.metrics.write({"event": event, "step": step, **values})
+        for name, value in (scalars or {}).items():
+            if value is None:
+                continue
+            self.tb.add_scalar(name, value, step)
+        if self.wandb_run is not None and scalars:
+            self.wandb_run.log({k: v for k, v in scalars.items() if v is not None}, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.metrics.close()
+        self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
