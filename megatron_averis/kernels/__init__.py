@@ -51,9 +51,32 @@ def enabled(t: torch.Tensor) -> bool:
 KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+GEMM_SWITCH = "MEGATRON_AVERIS_FP4_GEMM"
+GEMM_MODES = ("dequant", "fused")
+# dequant: BF16 scaled values from the dequantize kernel, then torch.mm(out_dtype=float32)
+# (cuBLAS). fused: one Triton GEMM that dequantizes packed FP4 in its prologue.
+DEFAULT_GEMM = "dequant"
+
+
+def fused_gemm_enabled(t: torch.Tensor) -> bool:
+    mode = os.environ.get(GEMM_SWITCH, DEFAULT_GEMM)
+    if mode not in GEMM_MODES:
+        raise ValueError(f"{GEMM_SWITCH}={mode!r}; use one of {GEMM_MODES}")
+    return mode == "fused" and enabled(t)
+
+
 def use_for(x: torch.Tensor) -> bool:
     """Whether a quantizer should run the kernel on the 2-D tensor `x` (else the reference)."""
     return x.dim() == 2 and x.numel() > 0 and x.dtype in KERNEL_INPUT_DTYPES and enabled(x)
 
 
-__all__ = ["ENV_SWITCH", "KERNEL_INPUT_DTYPES", "enabled", "interpreting", "triton_available", "use_for"]
+__all__ = [
+    "ENV_SWITCH",
+    "GEMM_SWITCH",
+    "KERNEL_INPUT_DTYPES",
+    "enabled",
+    "fused_gemm_enabled",
+    "interpreting",
+    "triton_available",
+    "use_for",
+]

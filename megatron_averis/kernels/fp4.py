@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_averis import kernels
 from megatron_averis.numerics.blockscale import MXFP4_BLOCK, QuantizedTensor
 from megatron_averis.numerics.random import fmix32
 
@@ -188,6 +189,32 @@ def _quantize_kernel(
 
 
 @triton.jit
+def _e2m1_value(codes):
+    """FP32 value of E2M1 codes (e2m1.decode_e2m1)."""
+    i = codes & 7
+    mag = tl.where(i < 4, i.to(tl.float32) * 0.5,
+                   tl.where(i < 6, (i - 2).to(tl.float32), ((i - 4) * 2).to(tl.float32)))
+    # the sign goes in as a bit: Triton's unary minus is 0 - x, which turns code 8 (-0.0) into +0.0
+    return (mag.to(tl.int32, bitcast=True) | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_value(s, MX: tl.constexpr):
+    """FP32 value of stored block scales (int32 holding the byte): E8M0 or E4M3, exact."""
+    if MX:  # blockscale.e8m0_to_fp32
+        scale = tl.where(s > 0, s << 23, 1 << 22).to(tl.float32, bitcast=True)
+        scale = tl.where(s == 0xFF, float("nan"), scale)
+    else:
+        e = (s >> 3) & 0xF
+        m = s & 7
+        scale = tl.where(e == 0, m.to(tl.float32) * 0.001953125,
+                         (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True))
+        scale = tl.where((s & 0x7F) == 0x7F, float("nan"), scale)
+        scale = (scale.to(tl.int32, bitcast=True) | ((s & 0x80) << 24)).to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
 def _dequant_kernel(q_ptr, s_ptr, out_ptr, R, C,
                     BR: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
                     MX: tl.constexpr):
@@ -198,29 +225,61 @@ def _dequant_kernel(q_ptr, s_ptr, out_ptr, R, C,
     qc = (blks[:, None] * (BK // 2) + tl.arange(0, BK // 2)[None, :]).to(tl.int64)[None, :, :]
     b = tl.load(q_ptr + r3 * half_c + qc, mask=(r3 < R) & (qc < half_c), other=0).to(tl.int32)
     codes = tl.reshape(tl.join(b & 0xF, b >> 4), [BR, NB, BK])  # element 2i in the low nibble
-    i = codes & 7
-    mag = tl.where(i < 4, i.to(tl.float32) * 0.5,
-                   tl.where(i < 6, (i - 2).to(tl.float32), ((i - 4) * 2).to(tl.float32)))
-    # the sign goes in as a bit: Triton's unary minus is 0 - x, which turns code 8 (-0.0) into +0.0
-    val = (mag.to(tl.int32, bitcast=True) | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
-
     n_sc = C // BK
     sr = (rows // BM).to(tl.int64)[:, None]
     sc = blks[None, :]
     s = tl.load(s_ptr + sr * n_sc + sc, mask=(sr < R // BM) & (sc < n_sc), other=0).to(tl.int32)
-    if MX:  # blockscale.e8m0_to_fp32
-        scale = tl.where(s > 0, s << 23, 1 << 22).to(tl.float32, bitcast=True)
-        scale = tl.where(s == 0xFF, float("nan"), scale)
-    else:  # E4M3 -> FP32 (exact)
-        e = (s >> 3) & 0xF
-        m = s & 7
-        scale = tl.where(e == 0, m.to(tl.float32) * 0.001953125,
-                         (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True))
-        scale = tl.where((s & 0x7F) == 0x7F, float("nan"), scale)
-        scale = (scale.to(tl.int32, bitcast=True) | ((s & 0x80) << 24)).to(tl.float32, bitcast=True)
-    out = val * tl.expand_dims(scale, 2)
+    out = _e2m1_value(codes) * tl.expand_dims(_scale_value(s, MX), 2)
     c3 = (blks[:, None] * BK + tl.arange(0, BK)[None, :]).to(tl.int64)[None, :, :]
     tl.store(out_ptr + r3 * C + c3, out.to(out_ptr.dtype.element_ty), mask=(r3 < R) & (c3 < C))
+
+
+@triton.jit
+def _fp4_tile(q_ptr, s_ptr, rows, k0, R, C,
+              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+              MX: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Scaled values (code × block scale, exact in BF16) of rows × [k0, k0 + BLOCK_K)."""
+    r2 = rows.to(tl.int64)[:, None]
+    half_c = C // 2
+    kq = (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+    b = tl.load(q_ptr + r2 * half_c + kq, mask=(r2 < R) & (kq < half_c), other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(b & 0xF, b >> 4), [BLOCK_R, BLOCK_K // BK, BK])
+    n_sc = C // BK
+    ks = (k0 // BK + tl.arange(0, BLOCK_K // BK))[None, :]
+    sr = (rows // BM).to(tl.int64)[:, None]
+    s = tl.load(s_ptr + sr * n_sc + ks, mask=(sr < R // BM) & (ks < n_sc), other=0).to(tl.int32)
+    v = _e2m1_value(codes) * tl.expand_dims(_scale_value(s, MX), 2)
+    return tl.reshape(v, [BLOCK_R, BLOCK_K]).to(DOT_DTYPE)
+
+
+@triton.jit
+def _fp4_gemm_kernel(aq, as_, bq, bs, scale_ptr, c_ptr, M, N, K: tl.constexpr,
+                     BM_A: tl.constexpr, BM_B: tl.constexpr, BK: tl.constexpr, MX: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """C = (Â·B̂ᵀ)·s for FP4 operands A [M, K], B [N, K] (blocks along K): the packed codes are
+    dequantized to BF16 in the prologue (exact), accumulated in FP32 by tensor cores, and the FP32
+    tensor-scale product applied in the epilogue, as qgemm does after mm_fp32. K is a compile-time
+    constant (a model has few reduction sizes; it also fixes the trip count of the K loop)."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_n)  # grouped order: neighbouring programs share A/B tiles in L2
+    first_m = group * GROUP_M
+    size_m = min(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = _fp4_tile(aq, as_, rm, k0, M, K, BLOCK_M, BLOCK_K, BK, BM_A, MX, DOT_DTYPE)
+        b = _fp4_tile(bq, bs, rn, k0, N, K, BLOCK_N, BLOCK_K, BK, BM_B, MX, DOT_DTYPE)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+    out = acc * tl.load(scale_ptr)
+    cm = rm.to(tl.int64)[:, None]
+    cn = rn[None, :]
+    tl.store(c_ptr + cm * N + cn, out, mask=(cm < M) & (cn < N))
 
 
 # ---- host side -----------------------------------------------------------------------------
@@ -314,4 +373,30 @@ def scaled_values(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     _dequant_kernel[grid](data, qt.block_scales.contiguous().view(torch.uint8), out, R, C,
                           BR=br, NB=bc // bk, BK=bk, BM=bm, MX=qt.fmt == "mxfp4", **_LAUNCH)
+    return out
+
+
+# BF16 tensor-core tiles for the fused GEMM; K steps of 128 cover whole 16/32 scale blocks.
+GEMM_TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def gemm_supported(a: QuantizedTensor, b: QuantizedTensor) -> bool:
+    return (a.fmt == b.fmt and a.block[1] == b.block[1] and a.shape[1] == b.shape[1]
+            and a.shape[1] % GEMM_TILE["BLOCK_K"] == 0)
+
+
+def scaled_mm(a: QuantizedTensor, b: QuantizedTensor, scale: torch.Tensor,
+              tile: dict | None = None) -> torch.Tensor:
+    """FP32 (Â·B̂ᵀ)·scale straight from packed FP4 operands (no BF16 copies of Â, B̂)."""
+    t = dict(GEMM_TILE, **(tile or {}))
+    (m, k), n = a.shape, b.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32, device=a.data.device)
+    grid = (triton.cdiv(m, t["BLOCK_M"]) * triton.cdiv(n, t["BLOCK_N"]),)
+    _fp4_gemm_kernel[grid](
+        a.data.contiguous(), a.block_scales.contiguous().view(torch.uint8),
+        b.data.contiguous(), b.block_scales.contiguous().view(torch.uint8),
+        scale.to(device=out.device, dtype=torch.float32).reshape(1), out, m, n, k,
+        BM_A=a.block[0], BM_B=b.block[0], BK=a.block[1], MX=a.fmt == "mxfp4",
+        # The interpreter mishandles BF16 dot operands; FP32 holds the same (exact) values.
+        DOT_DTYPE=tl.float32 if kernels.interpreting() else tl.bfloat16, **t)
     return out

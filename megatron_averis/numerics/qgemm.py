@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_averis import kernels
 from megatron_averis.numerics.operand import QuantizedOperand, ones_along_k
 
 _MM_OUT_DTYPE_OK: dict[str, bool] = {}
@@ -64,6 +65,18 @@ class _no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
+def _scaled_product(a: QuantizedOperand, b: QuantizedOperand) -> torch.Tensor:
+    """(Â·B̂ᵀ)·(s_A·s_B) in FP32: the FP4 tensor-core product before the mean terms. With
+    MEGATRON_AVERIS_FP4_GEMM=fused on CUDA a Triton GEMM reads the packed FP4 operands directly."""
+    scale = a.scale() * b.scale()
+    if a.qt is not None and b.qt is not None and kernels.fused_gemm_enabled(a.qt.data):
+        from megatron_averis.kernels import fp4
+
+        if fp4.gemm_supported(a.qt, b.qt):
+            return fp4.scaled_mm(a.qt, b.qt, scale)
+    return mm_fp32(a.values(), b.values()) * scale
+
+
 def _rowwise_dot(op: QuantizedOperand, v: torch.Tensor) -> torch.Tensor:
     """R̂·v in FP32 for an operand's residual (K-indexed v): one GEMV."""
     return (op.values().float() @ v) * op.scale()
@@ -77,7 +90,7 @@ def qgemm(a: QuantizedOperand, b: QuantizedOperand) -> torch.Tensor:
         a.signs is not None and not torch.equal(a.signs.to(b.signs.device), b.signs)
     ):
         raise ValueError("both operands of a GEMM must use the same Hadamard transform (or none)")
-    out = mm_fp32(a.values(), b.values()) * (a.scale() * b.scale())
+    out = _scaled_product(a, b)
     ma, mb = a.mean_fp32(), b.mean_fp32()
     if ma is None and mb is None:
         return out

@@ -343,3 +343,41 @@ def test_sr_stream_matches_position_uniform(kdev, reference):
     assert 0.2 < frac < 0.95, frac
     np.testing.assert_array_equal(whole.block_scales.float().cpu().numpy(),
                                   rne.block_scales.float().cpu().numpy())
+
+
+@pytest.mark.parametrize("fmt,blocks", [("nvfp4", ((1, 16), (16, 16))), ("nvfp4", ((1, 16), (1, 16))),
+                                        ("mxfp4", ((1, 32), (1, 32)))])
+@pytest.mark.parametrize("shape", [(200, 144, 256), (8192, 3072, 1024)])
+def test_fused_gemm_is_fp32_accumulation_of_the_exact_values(kdev, fmt, blocks, shape):
+    """The Triton GEMM on packed FP4: the FP32 sum of exact products, times s_A·s_B."""
+    m, n, k = shape
+    _skip_big(kdev, m, k)
+    from megatron_averis.kernels import fp4
+
+    a, b = _data(m, k, 14, torch.bfloat16, kdev), _data(n, k, 15, torch.bfloat16, kdev)
+    quant = (lambda t, blk: quantize_mxfp4(t)) if fmt == "mxfp4" else (
+        lambda t, blk: quantize_nvfp4(t, blk))
+    qa, qb = quant(a, blocks[0]), quant(b, blocks[1])
+    s = qa.tensor_scale * qb.tensor_scale
+    got = fp4.scaled_mm(qa, qb, s).double().cpu()
+    va = qa.scaled_values(torch.float32).double().cpu()
+    vb = qb.scaled_values(torch.float32).double().cpu()
+    want = (va @ vb.t()) * s.double().cpu()
+    bound = (k * 2.0**-24 + 2.0**-24) * (va.abs() @ vb.abs().t()) * s.double().cpu()
+    assert ((got - want).abs() <= bound + 1e-30).all()
+
+
+def test_qgemm_uses_fused_gemm_when_selected(kdev, monkeypatch):
+    from megatron_averis.numerics import qgemm
+
+    x = _data(64, 128, 16, torch.bfloat16, kdev)
+    w = _data(96, 128, 17, torch.bfloat16, kdev)
+    xq = quantize_operand(x, "nvfp4", mean_dim=0)
+    wq = quantize_operand(w, "nvfp4", block=(16, 16))
+    dequant = qgemm(xq, wq)
+    monkeypatch.setenv(kernels.GEMM_SWITCH, "fused")
+    fused = qgemm(xq, wq)
+    assert (fused - dequant).abs().max() <= 1e-5 * dequant.abs().max()
+    monkeypatch.setenv(kernels.GEMM_SWITCH, "bogus")
+    with pytest.raises(ValueError, match="MEGATRON_AVERIS_FP4_GEMM"):
+        qgemm(xq, wq)

@@ -1,0 +1,207 @@
+"""FP4 kernel throughput and per-GEMM cost against BF16, in one run on one GPU.
+
+    python3 benchmarks/quant_kernels.py [--tokens 8192] [--quick]
+
+Table 1: each kernel's achieved GB/s (bytes it must read + write / time) and its share of the
+device-to-device copy bandwidth measured in the same run on the same number of bytes.
+Table 2: for every GEMM of a Qwen3-0.6B and a Llama-1B layer (qkv, proj, fc1, fc2; fprop, dgrad,
+wgrad), the time to quantize its operands and run the emulated FP4 GEMM, over the time of the BF16
+GEMM, per recipe and per GEMM implementation (MEGATRON_AVERIS_FP4_GEMM=dequant|fused). Table 3:
+the GEMM alone (operands already quantized) against torch.mm(out_dtype=float32) on BF16 values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from contextlib import contextmanager
+
+import torch
+import triton.testing
+
+from megatron_averis import kernels
+from megatron_averis.kernels import fp4
+from megatron_averis.numerics import qgemm, quantize_mxfp4, quantize_nvfp4, quantize_operand
+from megatron_averis.numerics.qgemm import mm_fp32
+
+# (hidden, ffn, q heads x head dim, kv heads x head dim) from the models' config.json
+MODELS = {
+    "qwen3-0.6b": dict(hidden=1024, ffn=3072, q=16 * 128, kv=8 * 128),
+    "llama-1b": dict(hidden=2048, ffn=8192, q=32 * 64, kv=8 * 64),
+}
+
+
+def layer_linears(m):
+    """(name, in_features, out_features); fc1 is SwiGLU's fused gate+up projection."""
+    h = m["hidden"]
+    return [("qkv", h, m["q"] + 2 * m["kv"]), ("proj", m["q"], h),
+            ("fc1", h, 2 * m["ffn"]), ("fc2", m["ffn"], h)]
+
+
+DEVICE = "cuda"
+
+
+def bench(fn) -> float:
+    """Median milliseconds per call (L2 flushed between calls)."""
+    if DEVICE != "cuda":  # --device cpu: a smoke test of this script through Triton's interpreter
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+@contextmanager
+def env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def copy_gbps(nbytes: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / bench(lambda: dst.copy_(src)) / 1e6
+
+
+def kernel_table(shapes):
+    print("\n## Kernel bandwidth (BF16 input)\n")
+    print("| kernel | shape | ms | GB/s | % of copy | reference ms | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for rows, cols in shapes:
+        n = rows * cols
+        x = torch.randn(rows, cols, device=DEVICE, dtype=torch.bfloat16)
+        xt_src = torch.randn(cols, rows, device=DEVICE, dtype=torch.bfloat16)  # operand = src.t()
+        mean = x.float().mean(0).to(torch.bfloat16).float().view(1, -1)
+        mean_t = xt_src.float().mean(0).to(torch.bfloat16).float().view(-1, 1)
+        amax = x.abs().amax().float()
+        q16 = quantize_nvfp4(x)
+        copy = copy_gbps(2 * n)  # a copy of x: 2n bytes read, 2n written
+        packed = n // 2
+        cases = [
+            ("amax |x - mean|", lambda: fp4.amax(x, mean), 2 * n),
+            ("nvfp4 1x16 rne", lambda: quantize_nvfp4(x, amax=amax), 2 * n + packed + n // 16),
+            ("nvfp4 1x16 rne, mean", lambda: quantize_nvfp4(x, amax=amax, subtract=mean),
+             2 * n + packed + n // 16),
+            ("nvfp4 1x16 sr, mean", lambda: quantize_nvfp4(
+                x, rounding="stochastic", sr_seed=1, amax=amax, subtract=mean), 2 * n + packed + n // 16),
+            ("nvfp4 1x16 sr, mean, Xᵀ", lambda: quantize_nvfp4(
+                xt_src.t(), rounding="stochastic", sr_seed=1, amax=amax, subtract=mean_t),
+             2 * n + packed + n // 16),
+            ("nvfp4 16x16 rne", lambda: quantize_nvfp4(x, (16, 16), amax=amax), 2 * n + packed + n // 256),
+            ("mxfp4 rne", lambda: quantize_mxfp4(x), 2 * n + packed + n // 32),
+            ("dequant -> bf16", lambda: q16.scaled_values(), packed + n // 16 + 2 * n),
+        ]
+        for name, fn, nbytes in cases:
+            t = bench(fn)
+            with env(kernels.ENV_SWITCH, "0"):
+                t_ref = bench(fn) if name != "amax |x - mean|" else float("nan")
+            gbps = nbytes / t / 1e6
+            print(f"| {name} | {rows}x{cols} | {t:.4f} | {gbps:.0f} | {100 * gbps / copy:.0f}% "
+                  f"| {t_ref:.3f} | {t_ref / t:.1f}x |")
+        print(f"| copy (reference bandwidth) | {rows}x{cols} bf16 | {4 * n / copy / 1e6:.4f} "
+              f"| {copy:.0f} | 100% | | |")
+
+
+def recipe_operands(recipe: str, gemm: str, x, w, g):
+    """Closures quantizing the operands of one GEMM as the linear layer does (shared W
+    quantization and shared means as in linear/function.py), and the BF16 reference GEMM."""
+    sr = dict(rounding="stochastic", sr_seed=7)
+    averis = recipe == "averis"
+    wblock = (16, 16) if averis else (1, 16)
+    if gemm == "fprop":
+        def quant():
+            return (quantize_operand(x, "nvfp4", mean_dim=0 if averis else None),
+                    quantize_operand(w, "nvfp4", block=wblock))
+        return quant, lambda: torch.mm(x, w.t())
+    if gemm == "dgrad":
+        def quant():
+            gq = quantize_operand(g, "nvfp4", mean_dim=0 if averis else None, **(sr if averis else {}))
+            wq = (quantize_operand(w, "nvfp4", block=wblock).t() if averis
+                  else quantize_operand(w.t(), "nvfp4", transposed=True))
+            return gq, wq
+        return quant, lambda: torch.mm(g, w)
+    # wgrad: the means come from fprop/dgrad (shared), so they are not part of this GEMM's cost
+    g_mean = quantize_operand(g, "nvfp4", mean_dim=0).mean if averis else None
+    x_mean = quantize_operand(x, "nvfp4", mean_dim=0).mean if averis else None
+
+    def quant():
+        return (quantize_operand(g.t(), "nvfp4", mean_dim=1 if averis else None, mean=g_mean,
+                                 transposed=True, **(sr if averis else {})),
+                quantize_operand(x.t(), "nvfp4", mean_dim=1 if averis else None, mean=x_mean,
+                                 transposed=True))
+    return quant, lambda: torch.mm(g.t(), x)
+
+
+def gemm_table(tokens: int, recipes, modes):
+    print(f"\n## Quantize + FP4 GEMM over BF16 GEMM ({tokens} tokens)\n")
+    cols = [f"{r} {m}" for r in recipes for m in modes]
+    print("| model | linear | gemm | bf16 ms | " + " | ".join(cols) + " |")
+    print("|---|---|---|---|" + "---|" * len(cols))
+    gemm_only = []
+    for model, m in MODELS.items():
+        for name, k, n in layer_linears(m):
+            x = torch.randn(tokens, k, device=DEVICE, dtype=torch.bfloat16) + 2
+            w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k**-0.5
+            g = torch.randn(tokens, n, device=DEVICE, dtype=torch.bfloat16) * 1e-3
+            for gemm in ("fprop", "dgrad", "wgrad"):
+                ratios = []
+                for recipe in recipes:
+                    quant, bf16 = recipe_operands(recipe, gemm, x, w, g)
+                    t_bf16 = bench(bf16)
+                    for mode in modes:
+                        with env(kernels.GEMM_SWITCH, mode):
+                            t = bench(lambda: qgemm(*quant()))
+                        ratios.append(t / t_bf16)
+                    if recipe == recipes[0]:
+                        a, b = quant()
+                        gemm_only.append((model, name, gemm, a, b, t_bf16))
+                print(f"| {model} | {name} | {gemm} | {t_bf16:.3f} | "
+                      + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+    return gemm_only
+
+
+def gemm_only_table(cases):
+    print("\n## GEMM alone: FP4 operands already quantized (ms; ratio to BF16 torch.mm)\n")
+    print("| model | linear | gemm | bf16 mm | dequant + mm(out fp32) | fused Triton | mm(out fp32) on "
+          "ready BF16 values |")
+    print("|---|---|---|---|---|---|---|")
+    for model, name, gemm, a, b, t_bf16 in cases:
+        va, vb = a.values(), b.values()
+        t_deq = bench(lambda: mm_fp32(a.values(), b.values()) * (a.scale() * b.scale()))
+        t_fused = (bench(lambda: fp4.scaled_mm(a.qt, b.qt, a.scale() * b.scale()))
+                   if fp4.gemm_supported(a.qt, b.qt) else float("nan"))
+        t_mm = bench(lambda: mm_fp32(va, vb))
+        print(f"| {model} | {name} | {gemm} | {t_bf16:.3f} | {t_deq:.3f} ({t_deq / t_bf16:.2f}) "
+              f"| {t_fused:.3f} ({t_fused / t_bf16:.2f}) | {t_mm:.3f} ({t_mm / t_bf16:.2f}) |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--quick", action="store_true", help="one kernel shape, averis only")
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: interpreter smoke test
+    a = p.parse_args()
+    global DEVICE
+    DEVICE = a.device
+    if not kernels.enabled(torch.empty(1, device=DEVICE)):
+        raise SystemExit("needs a CUDA device with Triton (and MEGATRON_AVERIS_KERNELS not 0)")
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)"
+    print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}")
+    shapes = [(a.tokens, 1024)] if a.quick else [(a.tokens, 1024), (a.tokens, 3072), (a.tokens, 8192)]
+    kernel_table(shapes)
+    recipes = ["averis"] if a.quick else ["nvfp4", "averis"]
+    cases = gemm_table(a.tokens, recipes, kernels.GEMM_MODES)
+    gemm_only_table(cases)
+
+
+if __name__ == "__main__":
+    main()
