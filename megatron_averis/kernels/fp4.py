@@ -252,14 +252,66 @@ def _fp4_tile(q_ptr, s_ptr, rows, k0, R, C,
     return tl.reshape(v, [BLOCK_R, BLOCK_K]).to(DOT_DTYPE)
 
 
+# Kinds of qgemm.MeanTerm as the kernels see them.
+TERM_NONE, TERM_ROW, TERM_COL, TERM_OUTER, TERM_SCALAR = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _add_term(out, rm, rn, M, N, KIND: tl.constexpr, u_ptr, v_ptr, k, HAS_K: tl.constexpr):
+    """out + one MeanTerm, with the FP32 operations of MeanTerm.dense() and `out += ...`."""
+    if KIND == 1:
+        out = out + tl.expand_dims(tl.load(u_ptr + rm, mask=rm < M, other=0.0), 1)
+    elif KIND == 2:
+        out = out + tl.expand_dims(tl.load(v_ptr + rn, mask=rn < N, other=0.0), 0)
+    elif KIND == 3:
+        p = (tl.expand_dims(tl.load(u_ptr + rm, mask=rm < M, other=0.0), 1)
+             * tl.expand_dims(tl.load(v_ptr + rn, mask=rn < N, other=0.0), 0))
+        if HAS_K:
+            p = p * k
+        out = out + p
+    elif KIND == 4:
+        out = out + tl.load(u_ptr)
+    return out
+
+
+@triton.jit
+def _epilogue(acc, scale_ptr, rm, rn, M, N,
+              T1: tl.constexpr, u1, v1, k1, K1: tl.constexpr,
+              T2: tl.constexpr, u2, v2, k2, K2: tl.constexpr,
+              T3: tl.constexpr, u3, v3, k3, K3: tl.constexpr):
+    out = acc * tl.load(scale_ptr)
+    out = _add_term(out, rm, rn, M, N, T1, u1, v1, k1, K1)
+    out = _add_term(out, rm, rn, M, N, T2, u2, v2, k2, K2)
+    return _add_term(out, rm, rn, M, N, T3, u3, v3, k3, K3)
+
+
+@triton.jit
+def _scale_terms_kernel(c_ptr, scale_ptr, M, N,
+                        T1: tl.constexpr, u1, v1, k1, K1: tl.constexpr,
+                        T2: tl.constexpr, u2, v2, k2, K2: tl.constexpr,
+                        T3: tl.constexpr, u3, v3, k3, K3: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """In place: C = C·scale + terms, one pass over the FP32 GEMM result."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ptr = c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    out = _epilogue(tl.load(ptr, mask=mask, other=0.0), scale_ptr, rm, rn, M, N,
+                    T1, u1, v1, k1, K1, T2, u2, v2, k2, K2, T3, u3, v3, k3, K3)
+    tl.store(ptr, out, mask=mask)
+
+
 @triton.jit
 def _fp4_gemm_kernel(aq, as_, bq, bs, scale_ptr, c_ptr, M, N, K: tl.constexpr,
+                     T1: tl.constexpr, u1, v1, k1, K1: tl.constexpr,
+                     T2: tl.constexpr, u2, v2, k2, K2: tl.constexpr,
+                     T3: tl.constexpr, u3, v3, k3, K3: tl.constexpr,
                      BM_A: tl.constexpr, BM_B: tl.constexpr, BK: tl.constexpr, MX: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """C = (Â·B̂ᵀ)·s for FP4 operands A [M, K], B [N, K] (blocks along K): the packed codes are
     dequantized to BF16 in the prologue (exact), accumulated in FP32 by tensor cores, and the FP32
-    tensor-scale product applied in the epilogue, as qgemm does after mm_fp32. K is a compile-time
+    tensor-scale product and qgemm's mean terms applied in the epilogue. K is a compile-time
     constant (a model has few reduction sizes; it also fixes the trip count of the K loop)."""
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
@@ -276,7 +328,8 @@ def _fp4_gemm_kernel(aq, as_, bq, bs, scale_ptr, c_ptr, M, N, K: tl.constexpr,
         a = _fp4_tile(aq, as_, rm, k0, M, K, BLOCK_M, BLOCK_K, BK, BM_A, MX, DOT_DTYPE)
         b = _fp4_tile(bq, bs, rn, k0, N, K, BLOCK_N, BLOCK_K, BK, BM_B, MX, DOT_DTYPE)
         acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-    out = acc * tl.load(scale_ptr)
+    out = _epilogue(acc, scale_ptr, rm, rn, M, N,
+                    T1, u1, v1, k1, K1, T2, u2, v2, k2, K2, T3, u3, v3, k3, K3)
     cm = rm.to(tl.int64)[:, None]
     cn = rn[None, :]
     tl.store(c_ptr + cm * N + cn, out, mask=(cm < M) & (cn < N))
@@ -385,9 +438,44 @@ def gemm_supported(a: QuantizedTensor, b: QuantizedTensor) -> bool:
             and a.shape[1] % GEMM_TILE["BLOCK_K"] == 0)
 
 
-def scaled_mm(a: QuantizedTensor, b: QuantizedTensor, scale: torch.Tensor,
+def _term_args(terms, device) -> list:
+    """Kernel arguments (kind, u, v, k, has_k) x 3 for up to three qgemm.MeanTerm."""
+    if len(terms) > 3:
+        raise ValueError(f"at most 3 mean terms, got {len(terms)}")
+    args = []
+    for t in list(terms) + [None] * (3 - len(terms)):
+        vec = lambda v: v.to(device=device, dtype=torch.float32).contiguous().reshape(-1)  # noqa: E731
+        if t is None:
+            kind, u, v = TERM_NONE, None, None
+        elif t.scalar is not None:
+            kind, u, v = TERM_SCALAR, vec(t.scalar), None
+        elif t.row is not None and t.col is not None:
+            kind, u, v = TERM_OUTER, vec(t.row), vec(t.col)
+        elif t.row is not None:
+            kind, u, v = TERM_ROW, vec(t.row), None
+        else:
+            kind, u, v = TERM_COL, None, vec(t.col)
+        dummy = torch.empty(1, dtype=torch.float32, device=device)
+        k = t.k if t is not None and t.k is not None else None
+        args += [kind, u if u is not None else dummy, v if v is not None else dummy,
+                 float(k) if k is not None else 1.0, k is not None]
+    return args
+
+
+def scale_and_add_terms(out: torch.Tensor, scale: torch.Tensor, terms) -> torch.Tensor:
+    """In place on the FP32 product: out·scale + terms (qgemm's reference order), one pass."""
+    m, n = out.shape
+    bm, bn = 32, 128
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _scale_terms_kernel[grid](out, scale.to(device=out.device, dtype=torch.float32).reshape(1), m, n,
+                              *_term_args(terms, out.device), BLOCK_M=bm, BLOCK_N=bn,
+                              enable_fp_fusion=False, **_LAUNCH)
+    return out
+
+
+def scaled_mm(a: QuantizedTensor, b: QuantizedTensor, scale: torch.Tensor, terms=(),
               tile: dict | None = None) -> torch.Tensor:
-    """FP32 (Â·B̂ᵀ)·scale straight from packed FP4 operands (no BF16 copies of Â, B̂)."""
+    """FP32 (Â·B̂ᵀ)·scale + terms straight from packed FP4 operands (no BF16 copies of Â, B̂)."""
     t = dict(GEMM_TILE, **(tile or {}))
     (m, k), n = a.shape, b.shape[0]
     out = torch.empty(m, n, dtype=torch.float32, device=a.data.device)
@@ -396,6 +484,8 @@ def scaled_mm(a: QuantizedTensor, b: QuantizedTensor, scale: torch.Tensor,
         a.data.contiguous(), a.block_scales.contiguous().view(torch.uint8),
         b.data.contiguous(), b.block_scales.contiguous().view(torch.uint8),
         scale.to(device=out.device, dtype=torch.float32).reshape(1), out, m, n, k,
+        *_term_args(terms, out.device),
+        enable_fp_fusion=False,
         BM_A=a.block[0], BM_B=b.block[0], BK=a.block[1], MX=a.fmt == "mxfp4",
         # The interpreter mishandles BF16 dot operands; FP32 holds the same (exact) values.
         DOT_DTYPE=tl.float32 if kernels.interpreting() else tl.bfloat16, **t)

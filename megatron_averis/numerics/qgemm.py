@@ -29,6 +29,8 @@ not a second GEMM.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from megatron_averis import kernels
@@ -65,16 +67,46 @@ class _no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
-def _scaled_product(a: QuantizedOperand, b: QuantizedOperand) -> torch.Tensor:
-    """(Â·B̂ᵀ)·(s_A·s_B) in FP32: the FP4 tensor-core product before the mean terms. With
-    MEGATRON_AVERIS_FP4_GEMM=fused on CUDA a Triton GEMM reads the packed FP4 operands directly."""
+@dataclass
+class MeanTerm:
+    """One FP32 term qgemm adds to the scaled product: a row vector u (broadcast along N), a
+    column vector v (along M), their outer product u·vᵀ (times the integer k if set), or a scalar.
+    Terms are data so that one pass (or the fused GEMM's epilogue) adds them all, in order."""
+
+    row: torch.Tensor | None = None  # [M]
+    col: torch.Tensor | None = None  # [N]
+    k: int | None = None
+    scalar: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        if self.scalar is not None:
+            return self.scalar
+        if self.row is not None and self.col is not None:
+            o = torch.outer(self.row, self.col)
+            return o if self.k is None else self.k * o
+        return self.row.view(-1, 1) if self.row is not None else self.col.view(1, -1)
+
+
+def _product_plus_terms(a: QuantizedOperand, b: QuantizedOperand, terms: list[MeanTerm]) -> torch.Tensor:
+    """(Â·B̂ᵀ)·(s_A·s_B) + Σ terms in FP32. On CUDA the scale and the terms are applied by one
+    kernel pass over the product (same FP32 operations, same order); with
+    MEGATRON_AVERIS_FP4_GEMM=fused a Triton GEMM reads the packed FP4 operands and applies them
+    in its epilogue."""
     scale = a.scale() * b.scale()
     if a.qt is not None and b.qt is not None and kernels.fused_gemm_enabled(a.qt.data):
         from megatron_averis.kernels import fp4
 
         if fp4.gemm_supported(a.qt, b.qt):
-            return fp4.scaled_mm(a.qt, b.qt, scale)
-    return mm_fp32(a.values(), b.values()) * scale
+            return fp4.scaled_mm(a.qt, b.qt, scale, terms)
+    out = mm_fp32(a.values(), b.values())
+    if kernels.enabled(out):
+        from megatron_averis.kernels import fp4
+
+        return fp4.scale_and_add_terms(out, scale, terms)
+    out = out * scale
+    for term in terms:
+        out += term.dense()
+    return out
 
 
 def _rowwise_dot(op: QuantizedOperand, v: torch.Tensor) -> torch.Tensor:
@@ -90,30 +122,30 @@ def qgemm(a: QuantizedOperand, b: QuantizedOperand) -> torch.Tensor:
         a.signs is not None and not torch.equal(a.signs.to(b.signs.device), b.signs)
     ):
         raise ValueError("both operands of a GEMM must use the same Hadamard transform (or none)")
-    out = _scaled_product(a, b)
     ma, mb = a.mean_fp32(), b.mean_fp32()
+    terms: list[MeanTerm] = []
     if ma is None and mb is None:
-        return out
+        return _product_plus_terms(a, b, terms)
     k = a.shape[1]
-    e = ones_along_k(k, a.signs, out.device)
+    e = ones_along_k(k, a.signs, ma.device if ma is not None else mb.device)
     both_reduction = a.mean_dim == 1 and b.mean_dim == 1
     if mb is not None and not both_reduction:
         if b.mean_dim == 0:
-            out += _rowwise_dot(a, mb).view(-1, 1)
+            terms.append(MeanTerm(row=_rowwise_dot(a, mb)))
         else:
-            out += torch.outer(_rowwise_dot(a, e), mb)
+            terms.append(MeanTerm(row=_rowwise_dot(a, e), col=mb))
     if ma is not None and not both_reduction:
         if a.mean_dim == 0:
-            out += _rowwise_dot(b, ma).view(1, -1)
+            terms.append(MeanTerm(col=_rowwise_dot(b, ma)))
         else:
-            out += torch.outer(ma, _rowwise_dot(b, e))
+            terms.append(MeanTerm(row=ma, col=_rowwise_dot(b, e)))
     if ma is not None and mb is not None:
         if a.mean_dim == 0 and b.mean_dim == 0:
-            out += torch.dot(ma, mb)
+            terms.append(MeanTerm(scalar=torch.dot(ma, mb)))
         elif a.mean_dim == 0:
-            out += torch.dot(ma, e) * mb.view(1, -1)
+            terms.append(MeanTerm(col=torch.dot(ma, e) * mb))
         elif b.mean_dim == 0:
-            out += torch.dot(e, mb) * ma.view(-1, 1)
+            terms.append(MeanTerm(row=torch.dot(e, mb) * ma))
         else:
-            out += k * torch.outer(ma, mb)
-    return out
+            terms.append(MeanTerm(row=ma, col=mb, k=k))
+    return _product_plus_terms(a, b, terms)

@@ -367,17 +367,42 @@ def test_fused_gemm_is_fp32_accumulation_of_the_exact_values(kdev, fmt, blocks, 
     assert ((got - want).abs() <= bound + 1e-30).all()
 
 
-def test_qgemm_uses_fused_gemm_when_selected(kdev, monkeypatch):
+QGEMM_CASES = [(None, None), (0, None), (None, 0), (0, 0), (1, 1), (1, None), (None, 1), (0, 1), (1, 0)]
+
+
+def _qgemm_operands(kdev, mean_a, mean_b, rht):
+    a = _data(64, 128, 16, torch.bfloat16, kdev)
+    b = _data(96, 128, 17, torch.bfloat16, kdev)
+    signs = random_signs(5).to(kdev) if rht else None
+    kw = dict(signs=signs, rounding="stochastic", sr_seed=3)
+    return (quantize_operand(a, "nvfp4", mean_dim=mean_a, **kw),
+            quantize_operand(b, "nvfp4", mean_dim=mean_b, **kw))
+
+
+@pytest.mark.parametrize("mean_a,mean_b", QGEMM_CASES)
+@pytest.mark.parametrize("rht", [False, True])
+def test_qgemm_epilogue_matches_reference(kdev, reference, mean_a, mean_b, rht):
+    """Scale and every kind of mean term applied by one kernel pass: bit-identical to qgemm's
+    reference `out * scale; out += term` sequence."""
     from megatron_averis.numerics import qgemm
 
-    x = _data(64, 128, 16, torch.bfloat16, kdev)
-    w = _data(96, 128, 17, torch.bfloat16, kdev)
-    xq = quantize_operand(x, "nvfp4", mean_dim=0)
-    wq = quantize_operand(w, "nvfp4", block=(16, 16))
-    dequant = qgemm(xq, wq)
+    qa, qb = _qgemm_operands(kdev, mean_a, mean_b, rht)
+    got = qgemm(qa, qb)
+    with reference():
+        want = qgemm(qa, qb)
+    assert_same_tensor(got, want)
+
+
+@pytest.mark.parametrize("mean_a,mean_b", QGEMM_CASES)
+def test_fused_gemm_with_mean_terms(kdev, monkeypatch, mean_a, mean_b):
+    """MEGATRON_AVERIS_FP4_GEMM=fused: same result as the dequant path up to FP32 summation order."""
+    from megatron_averis.numerics import qgemm
+
+    qa, qb = _qgemm_operands(kdev, mean_a, mean_b, rht=False)
+    dequant = qgemm(qa, qb)
     monkeypatch.setenv(kernels.GEMM_SWITCH, "fused")
-    fused = qgemm(xq, wq)
+    fused = qgemm(qa, qb)
     assert (fused - dequant).abs().max() <= 1e-5 * dequant.abs().max()
     monkeypatch.setenv(kernels.GEMM_SWITCH, "bogus")
     with pytest.raises(ValueError, match="MEGATRON_AVERIS_FP4_GEMM"):
-        qgemm(xq, wq)
+        qgemm(qa, qb)
