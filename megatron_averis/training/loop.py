@@ -169,7 +169,9 @@ class Trainer:
         print0("\n".join(lines))
         if torch.distributed.get_rank() == 0:
             start = {**self.config_dict, "launch_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                     "resumed_from": self.resumed_from}
+                     "resumed_from": self.resumed_from, "parameters": counts,
+                     "rank0_local_parameters": self.local_parameters,
+                     "flops_per_iteration": self.flops_per_iteration, "mfu_peak": self.peak_text}
             with open(os.path.join(a.log_dir, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(start, f, indent=2, sort_keys=True)
             self.logger.record("start", self.iteration, {"config": start})
