@@ -37,6 +37,15 @@ ARCH_FLAGS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where there is one to show."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ConfigError(ValueError):
     """The command line cannot run; `problems` lists each reason with its fix."""
 
@@ -49,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_averis.pretrain",
         description="Pretrain a GPT model with megatron-core under a BF16 or FP4 (Averis) recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
 
     g = p.add_argument_group("model")
@@ -88,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --first-last-layers-bf16 (default 1)")
 
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP (1F1B schedule)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state and FP32 main parameters over data-parallel ranks")
@@ -100,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
 
     g = p.add_argument_group("batch and sequence")
-    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward pass")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="sequences per optimizer step (default: micro-batch x data-parallel size)")
     g.add_argument("--seq-length", type=int, required=True)
@@ -126,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--seed", type=int, default=1234,
                    help="seeds weights, data order and every RNG stream")
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="deterministic cuBLAS/NCCL and torch algorithms (warns on ops that have "
+                        "none); for bit-exact GPU reruns, e.g. checking a resume")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,

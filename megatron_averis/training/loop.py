@@ -356,6 +356,11 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     device = distributed.device_for(env)
+    if args.deterministic_mode:
+        # Before CUDA and NCCL start: both read these once.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ.setdefault("NCCL_ALGO", "Ring")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     start = time.monotonic()
     with cpu_training():
         distributed.initialize(args, env, device)

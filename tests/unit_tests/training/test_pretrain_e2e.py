@@ -86,9 +86,10 @@ def test_resume_reproduces_the_uninterrupted_run(reference_run, corpus, tmp_path
 
 
 def test_two_data_parallel_ranks_train_like_one(reference_run, corpus, tmp_path):
-    """Same global batch over DP=2 (and the distributed optimizer): the same model trajectory,
-    up to float summation order."""
-    run = launch(COMMON + data_args(corpus) + ["--use-distributed-optimizer"], nproc=2,
+    """Same global batch over DP=2 (distributed optimizer, gradient reduction overlapped with the
+    backward pass): the same model trajectory, up to float summation order."""
+    run = launch(COMMON + data_args(corpus) + ["--use-distributed-optimizer", "--overlap-grad-reduce"],
+                 nproc=2,
                  log_dir=str(tmp_path / "logs"))
     assert "world 2 = TP 1 x PP 1 x DP 2" in run.stdout
     ref, got = reference_run.by_step("train"), run.by_step("train")
