@@ -29,6 +29,12 @@ def ema(values: np.ndarray, weight: float) -> np.ndarray:
     return out
 
 
+def auto_smoothing(n_points: int) -> float:
+    """An EMA weight whose memory, 1/(1 − w) points, is 5% of the curve (no smoothing below 40
+    points): 0.5 for 40 logged points, 0.98 for 1000."""
+    return 1.0 - 1.0 / max(1.0, n_points / 20)
+
+
 def relative_gap(run: Curve, base: Curve, last_percent: float) -> tuple[float, int, int]:
     """(mean of (L − L_base)/L_base, points used, last step) over the run's logged steps in the
     last `last_percent`% of the steps both runs reached. L_base is interpolated linearly in step
@@ -82,8 +88,8 @@ def _fmt(x: float, spec: str) -> str:
 
 def markdown_table(rows: list[dict], baseline: str, last_percent: float) -> str:
     lines = [
-        f"Relative loss gap to `{baseline}`: (L − L_{{{baseline}}}) / L_{{{baseline}}}, mean over "
-        f"the logged steps in the last {last_percent:g}% of the steps both runs reached.",
+        f"Relative loss gap (L − L_base) / L_base to the baseline `{baseline}`, mean over the "
+        f"logged steps in the last {last_percent:g}% of the steps both runs reached.",
         "",
         "| run | recipe | steps | train loss | train gap | valid loss | valid gap |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -140,7 +146,7 @@ def plot(runs: list[Run], baseline: str, path: str, smoothing: float, title: str
             axes[2].plot(c.steps[sel], 100 * gap, color=color, alpha=0.25, linewidth=0.8)
             axes[2].plot(c.steps[sel], 100 * ema(gap, smoothing), color=color, linewidth=1.8,
                          label=r.label)
-    axes[0].set_title(f"train loss (thin: raw, bold: EMA {smoothing:g})")
+    axes[0].set_title(f"train loss (thin: raw, bold: EMA {smoothing:.2g})")
     axes[1].set_title("validation loss")
     axes[2].set_title(f"train-loss gap to {baseline} (thin: raw, bold: EMA)")
     axes[2].axhline(0, color="black", linewidth=0.8)
@@ -176,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "else the first)")
     p.add_argument("--last-percent", type=float, default=10.0,
                    help="the gap is averaged over this last part of the steps, in %%")
-    p.add_argument("--smoothing", type=float, default=0.9,
-                   help="EMA weight of the smoothed curves (TensorBoard's slider), in [0, 1)")
+    p.add_argument("--smoothing", default="auto",
+                   help="EMA weight of the smoothed curves (TensorBoard's slider), in [0, 1); "
+                        "auto: memory of 5%% of the logged points")
     p.add_argument("--source", choices=("auto", "jsonl", "tb"), default="auto",
                    help="for run directories: metrics.jsonl (auto: when present) or TensorBoard")
     p.add_argument("--wandb-group", default=None, help="with wandb:ENTITY/PROJECT: only this group")
@@ -199,12 +206,19 @@ def main(argv=None) -> int:
         baseline = a.baseline or _default_baseline(runs)
         rows = gap_rows(runs, baseline, a.last_percent)
         table = markdown_table(rows, baseline, a.last_percent)
-        ema(np.zeros(1), a.smoothing)  # validates --smoothing before drawing
+        if a.smoothing == "auto":
+            smoothing = auto_smoothing(max(len(r.curve("train")) for r in runs))
+        else:
+            try:
+                smoothing = float(a.smoothing)
+            except ValueError:
+                raise ValueError(f"--smoothing {a.smoothing!r}: give a number in [0, 1) or auto") from None
+            ema(np.zeros(1), smoothing)  # validates it before drawing
     except (OSError, ValueError, RuntimeError) as e:
         print(f"compare_runs: {e}", file=sys.stderr)
         return 2
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    plot(runs, baseline, a.out + ".png", a.smoothing, a.title)
+    plot(runs, baseline, a.out + ".png", smoothing, a.title)
     with open(a.out + ".md", "w", encoding="utf-8") as f:
         f.write(table)
     print(table)

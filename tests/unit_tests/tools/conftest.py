@@ -43,8 +43,9 @@ def pretrain(corpus: dict, out_dir: str, *recipe_flags: str, save_interval: int 
            "--train-data-path", corpus["train"], "--valid-data-path", corpus["valid"],
            "--tokenizer-model", corpus["tokenizer_model"],
            "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1",
-           "--log-dir", out_dir, *save, "--num-workers", "0"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+           "--log-dir", out_dir, *save, "--num-workers", "0", "--wandb-mode", "disabled"]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out_dir

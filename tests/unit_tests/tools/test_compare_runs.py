@@ -177,3 +177,12 @@ def test_wandb_missing(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     assert compare.main(["wandb:e/p", "--out", str(tmp_path / "x")]) == 2
     assert "pip install wandb" in capsys.readouterr().err
+
+
+def test_auto_smoothing_and_bad_value(tiny_runs, tmp_path, capsys):
+    assert compare.auto_smoothing(10) == 0.0 and compare.auto_smoothing(40) == 0.5
+    assert compare.auto_smoothing(1000) == pytest.approx(0.98)
+    assert compare.main([tiny_runs["bf16"], "--smoothing", "x", "--out", str(tmp_path / "x")]) == 2
+    assert "--smoothing 'x'" in capsys.readouterr().err
+    assert compare.main([tiny_runs["bf16"], "--smoothing", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "smoothing weight must be in [0, 1)" in capsys.readouterr().err

@@ -210,6 +210,8 @@ def test_commands_really_execute():
     assert (r.returncode, r.stdout) == (3, "a b\n")
     r = entry("tool", "preprocess_data", "--help", dry=False)
     assert r.returncode == 0 and "--output-prefix" in r.stdout
+    r = entry("pretrain", "--help", env={"NPROC_PER_NODE": "1", "PYTHONPATH": ROOT}, dry=False)
+    assert r.returncode == 0 and "--fp4-recipe" in r.stdout
 
 
 # --- compose files ------------------------------------------------------------------------------
@@ -245,5 +247,9 @@ def test_compose_service_commands_are_accepted(name, env):
         _interpolate(volume, env)
     cmd = command(*svc["command"], env=variables)
     assert "megatron_averis.pretrain" in cmd
+    # The trainer accepts the service's arguments.
+    from megatron_averis.training.arguments import build_parser
+
+    build_parser().parse_args(svc["command"][1:])
     if name == "compose.multinode.yaml":
         assert "--rdzv-endpoint=node0:29500" in cmd and svc["network_mode"] == "host"
