@@ -22,6 +22,7 @@ import triton.testing
 from megatron_averis import kernels
 from megatron_averis.kernels import fp4
 from megatron_averis.numerics import qgemm, quantize_mxfp4, quantize_nvfp4, quantize_operand
+from megatron_averis.numerics.operand import TOKEN_SUM_SWITCH, token_mean
 from megatron_averis.numerics.qgemm import mm_fp32
 
 # (hidden, ffn, q heads x head dim, kv heads x head dim) from the models' config.json
@@ -49,7 +50,7 @@ def bench(fn) -> float:
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
 @contextmanager
@@ -86,7 +87,8 @@ def kernel_table(shapes):
         copy = copy_gbps(2 * n)  # a copy of x: 2n bytes read, 2n written
         packed = n // 2
         cases = [
-            ("amax |x - mean|", lambda: fp4.amax(x, mean), 2 * n),
+            ("token stats (pairwise sums, min, max)", lambda: fp4.token_stats(x, 0), 2 * n),
+            ("amax abs(x - mean)", lambda: fp4.amax(x, mean), 2 * n),
             ("nvfp4 1x16 rne", lambda: quantize_nvfp4(x, amax=amax), 2 * n + packed + n // 16),
             ("nvfp4 1x16 rne, mean", lambda: quantize_nvfp4(x, amax=amax, subtract=mean),
              2 * n + packed + n // 16),
@@ -101,20 +103,46 @@ def kernel_table(shapes):
         ]
         for name, fn, nbytes in cases:
             t = bench(fn)
-            with env(kernels.ENV_SWITCH, "0"):
-                t_ref = bench(fn) if name != "amax |x - mean|" else float("nan")
+            ref = "- | -"
+            if name.startswith("token stats"):  # against the default mean: torch's x.float().sum
+                t_ref = bench(lambda: token_mean(x, 0))
+                ref = f"{t_ref:.3f} (torch.sum mean) | {t_ref / t:.1f}x"
+            elif not name.startswith("amax"):
+                with env(kernels.ENV_SWITCH, "0"):
+                    t_ref = bench(fn)
+                ref = f"{t_ref:.3f} | {t_ref / t:.1f}x"
             gbps = nbytes / t / 1e6
             print(f"| {name} | {rows}x{cols} | {t:.4f} | {gbps:.0f} | {100 * gbps / copy:.0f}% "
-                  f"| {t_ref:.3f} | {t_ref / t:.1f}x |")
+                  f"| {ref} |")
         print(f"| copy (reference bandwidth) | {rows}x{cols} bf16 | {4 * n / copy / 1e6:.4f} "
               f"| {copy:.0f} | 100% | | |")
+
+
+def tile_sweep(rows, cols):
+    """Quantize-kernel throughput per tile (rows, columns, warps), to choose fp4.TILES."""
+    print(f"\n## Tile sweep: nvfp4 1x16 SR with mean, {rows}x{cols} BF16 (GB/s)\n")
+    configs = [(16, 128, 4), (32, 128, 4), (32, 256, 8), (64, 64, 4), (64, 128, 8), (128, 32, 4),
+               (128, 64, 8)]
+    x = torch.randn(rows, cols, device=DEVICE, dtype=torch.bfloat16)
+    xt_src = torch.randn(cols, rows, device=DEVICE, dtype=torch.bfloat16)
+    mean = torch.zeros(1, cols, device=DEVICE)
+    amax = x.abs().amax().float()
+    n = rows * cols
+    nbytes = 2 * n + n // 2 + n // 16
+    print("| tile (rows, cols, warps) | row-major GB/s | transposed read GB/s |\n|---|---|---|")
+    for tile in configs:
+        kw = dict(amax_t=amax, tile=tile)
+        t_r = bench(lambda: fp4.quantize(x, "nvfp4", (1, 16), "stochastic", 1, (0, 0), sub=mean, **kw))
+        t_t = bench(lambda: fp4.quantize(xt_src.t(), "nvfp4", (1, 16), "stochastic", 1, (0, 0),
+                                         sub=mean, **kw))
+        print(f"| {tile} | {nbytes / t_r / 1e6:.0f} | {nbytes / t_t / 1e6:.0f} |")
 
 
 def recipe_operands(recipe: str, gemm: str, x, w, g):
     """Closures quantizing the operands of one GEMM as the linear layer does (shared W
     quantization and shared means as in linear/function.py), and the BF16 reference GEMM."""
     sr = dict(rounding="stochastic", sr_seed=7)
-    averis = recipe == "averis"
+    averis = recipe.startswith("averis")
     wblock = (16, 16) if averis else (1, 16)
     if gemm == "fprop":
         def quant():
@@ -154,10 +182,11 @@ def gemm_table(tokens: int, recipes, modes):
             for gemm in ("fprop", "dgrad", "wgrad"):
                 ratios = []
                 for recipe in recipes:
+                    order = "pairwise" if recipe.endswith("pairwise") else "torch"
                     quant, bf16 = recipe_operands(recipe, gemm, x, w, g)
                     t_bf16 = bench(bf16)
                     for mode in modes:
-                        with env(kernels.GEMM_SWITCH, mode):
+                        with env(kernels.GEMM_SWITCH, mode), env(TOKEN_SUM_SWITCH, order):
                             t = bench(lambda: qgemm(*quant()))
                         ratios.append(t / t_bf16)
                     if recipe == recipes[0]:
@@ -198,7 +227,10 @@ def main():
     print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}")
     shapes = [(a.tokens, 1024)] if a.quick else [(a.tokens, 1024), (a.tokens, 3072), (a.tokens, 8192)]
     kernel_table(shapes)
-    recipes = ["averis"] if a.quick else ["nvfp4", "averis"]
+    if not a.quick:
+        tile_sweep(a.tokens, 3072)
+    # averis-pairwise: MEGATRON_AVERIS_TOKEN_SUM=pairwise (fused stats pass for the mean)
+    recipes = ["averis"] if a.quick else ["nvfp4", "averis", "averis-pairwise"]
     cases = gemm_table(a.tokens, recipes, kernels.GEMM_MODES)
     gemm_only_table(cases)
 

@@ -68,7 +68,7 @@ def _abs_bits(x):
     return (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "C"])
 def _amax_kernel(x_ptr, sx_r, sx_c, sub_ptr, out_ptr, R, C,
                  BR: tl.constexpr, BC: tl.constexpr, SUB_DIM: tl.constexpr):
     r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]
@@ -123,7 +123,9 @@ def _encode_e2m1(y, r, c, key, off_r, off_c, SR: tl.constexpr):
     return idx | (neg << 3)
 
 
-@triton.jit
+# Sizes, seeds and offsets are not specialized on (divisibility by 16, == 1): a new value must
+# not compile a new kernel. Strides are, so that contiguous loads vectorize.
+@triton.jit(do_not_specialize=["R", "C", "key", "off_r", "off_c"])
 def _quantize_kernel(
     x_ptr, sx_r, sx_c, sub_ptr, amax_ptr, q_ptr, s_ptr, ts_ptr,
     R, C, key, off_r, off_c,
@@ -214,7 +216,7 @@ def _scale_value(s, MX: tl.constexpr):
     return scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "C"])
 def _dequant_kernel(q_ptr, s_ptr, out_ptr, R, C,
                     BR: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
                     MX: tl.constexpr):
@@ -285,7 +287,7 @@ def _epilogue(acc, scale_ptr, rm, rn, M, N,
     return _add_term(out, rm, rn, M, N, T3, u3, v3, k3, K3)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "k1", "k2", "k3"])
 def _scale_terms_kernel(c_ptr, scale_ptr, M, N,
                         T1: tl.constexpr, u1, v1, k1, K1: tl.constexpr,
                         T2: tl.constexpr, u2, v2, k2, K2: tl.constexpr,
@@ -301,14 +303,14 @@ def _scale_terms_kernel(c_ptr, scale_ptr, M, N,
     tl.store(ptr, out, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "k1", "k2", "k3"])
 def _fp4_gemm_kernel(aq, as_, bq, bs, scale_ptr, c_ptr, M, N, K: tl.constexpr,
                      T1: tl.constexpr, u1, v1, k1, K1: tl.constexpr,
                      T2: tl.constexpr, u2, v2, k2, K2: tl.constexpr,
                      T3: tl.constexpr, u3, v3, k3, K3: tl.constexpr,
                      BM_A: tl.constexpr, BM_B: tl.constexpr, BK: tl.constexpr, MX: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                     GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """C = (Â·B̂ᵀ)·s for FP4 operands A [M, K], B [N, K] (blocks along K): the packed codes are
     dequantized to BF16 in the prologue (exact), accumulated in FP32 by tensor cores, and the FP32
     tensor-scale product and qgemm's mean terms applied in the epilogue. K is a compile-time
@@ -327,7 +329,7 @@ def _fp4_gemm_kernel(aq, as_, bq, bs, scale_ptr, c_ptr, M, N, K: tl.constexpr,
     for k0 in range(0, K, BLOCK_K):
         a = _fp4_tile(aq, as_, rm, k0, M, K, BLOCK_M, BLOCK_K, BK, BM_A, MX, DOT_DTYPE)
         b = _fp4_tile(bq, bs, rn, k0, N, K, BLOCK_N, BLOCK_K, BK, BM_B, MX, DOT_DTYPE)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     out = _epilogue(acc, scale_ptr, rm, rn, M, N,
                     T1, u1, v1, k1, K1, T2, u2, v2, k2, K2, T3, u3, v3, k3, K3)
     cm = rm.to(tl.int64)[:, None]
@@ -335,20 +337,76 @@ def _fp4_gemm_kernel(aq, as_, bq, bs, scale_ptr, c_ptr, M, N, K: tl.constexpr,
     tl.store(c_ptr + cm * N + cn, out, mask=(cm < M) & (cn < N))
 
 
+@triton.jit
+def _pairwise_rows(s, LOG_N: tl.constexpr, BF: tl.constexpr):
+    """Sums of the 2^LOG_N rows of s [2^LOG_N, BF] in operand.pairwise_sum's order: adjacent rows
+    added level by level (each level a single FP32 addition per pair, so the order is fixed)."""
+    for i in tl.static_range(LOG_N):
+        even, odd = tl.split(tl.permute(tl.reshape(s, [1 << (LOG_N - 1 - i), 2, BF]), (0, 2, 1)))
+        s = even + odd
+    return tl.reshape(s, [BF])
+
+
+@triton.jit
+def _nan_aware_extremes(x, valid, axis: tl.constexpr):
+    """(min, max) of x over `axis` among `valid` entries; NaN where any valid entry is NaN."""
+    nan = tl.max(((x != x) & valid).to(tl.int32), axis=axis) > 0
+    lo = tl.min(tl.where(valid, x, float("inf")), axis=axis)
+    hi = tl.max(tl.where(valid, x, float("-inf")), axis=axis)
+    return tl.where(nan, float("nan"), lo), tl.where(nan, float("nan"), hi)
+
+
+@triton.jit(do_not_specialize=["T", "F"])
+def _token_stats_tile_kernel(x_ptr, s_t, s_f, T, F, psum, pmin, pmax,
+                             BT: tl.constexpr, LOG_BT: tl.constexpr, BF: tl.constexpr):
+    """Per tile of BT tokens (an aligned subtree of the pairwise sum): partial sums, min, max."""
+    pid_t = tl.program_id(0)
+    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)[:, None]
+    fo = tl.program_id(1) * BF + tl.arange(0, BF)
+    f = fo.to(tl.int64)[None, :]
+    valid = (t < T) & (f < F)
+    x = tl.load(x_ptr + t * s_t + f * s_f, mask=valid, other=0.0).to(tl.float32)  # +0.0 padding
+    lo, hi = _nan_aware_extremes(x, valid, 0)
+    out = pid_t.to(tl.int64) * F + fo
+    tl.store(psum + out, _pairwise_rows(x, LOG_BT, BF), mask=fo < F)
+    tl.store(pmin + out, lo, mask=fo < F)
+    tl.store(pmax + out, hi, mask=fo < F)
+
+
+@triton.jit(do_not_specialize=["P", "F"])
+def _token_stats_final_kernel(psum, pmin, pmax, P, F, sum_ptr, lo_ptr, hi_ptr,
+                              P_PAD: tl.constexpr, LOG_P: tl.constexpr, BF: tl.constexpr):
+    """The upper levels of the pairwise tree over the tile sums (zero tiles up to P_PAD), and the
+    min / max over tiles."""
+    p = tl.arange(0, P_PAD).to(tl.int64)[:, None]
+    fo = tl.program_id(0) * BF + tl.arange(0, BF)
+    f = fo[None, :]
+    valid = (p < P) & (f < F)
+    sums = _pairwise_rows(tl.load(psum + p * F + f, mask=valid, other=0.0), LOG_P, BF)
+    lo, _ = _nan_aware_extremes(tl.load(pmin + p * F + f, mask=valid, other=0.0), valid, 0)
+    _, hi = _nan_aware_extremes(tl.load(pmax + p * F + f, mask=valid, other=0.0), valid, 0)
+    tl.store(sum_ptr + fo, sums, mask=fo < F)
+    tl.store(lo_ptr + fo, lo, mask=fo < F)
+    tl.store(hi_ptr + fo, hi, mask=fo < F)
+
+
 # ---- host side -----------------------------------------------------------------------------
 
 _LAUNCH = dict(num_warps=4)
+# (rows, columns, warps) per program. Row-major operands: 128 columns = 256 B of BF16 per row.
+# Operands read transposed (wgrad Xᵀ, Gᵀ: rows contiguous in memory): 64 contiguous rows per
+# load, and 128 columns so that each row's packed output is a 64-byte run.
+TILES = {"rows": (32, 128, 4), "transposed": (64, 128, 8)}
 
 
-def _tile(R: int, C: int, x: torch.Tensor, bk: int, bm: int) -> tuple[int, int]:
-    """(rows, columns) per program: ~4K elements, the long side along x's contiguous dimension."""
-    if x.stride(1) != 1 and x.stride(0) == 1:  # read transposed: rows are contiguous in memory
-        br, bc = 128, 32
-    else:
-        br, bc = 32, 128
+def _tile(R: int, C: int, x: torch.Tensor, bk: int, bm: int, tile=None) -> tuple[int, int, int]:
+    if tile is None:
+        transposed = x.stride(1) != 1 and x.stride(0) == 1
+        tile = TILES["transposed" if transposed else "rows"]
+    br, bc, warps = tile
     br = max(bm, min(br, triton.next_power_of_2(R)))
     bc = max(bk, min(bc, triton.next_power_of_2(C)))
-    return br, bc
+    return br, bc, warps
 
 
 def _sub_arg(x: torch.Tensor, sub: torch.Tensor | None) -> tuple[torch.Tensor, int]:
@@ -371,22 +429,22 @@ def _int32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def amax(x: torch.Tensor, sub: torch.Tensor | None = None) -> torch.Tensor:
+def amax(x: torch.Tensor, sub: torch.Tensor | None = None, tile=None) -> torch.Tensor:
     """max |x - sub| as an FP32 0-dim tensor (NaN if any element is NaN), like
     (x.float() - sub).abs().amax()."""
     R, C = x.shape
     sub_t, sub_dim = _sub_arg(x, sub)
     out = torch.zeros(1, dtype=torch.int32, device=x.device)
-    br, bc = _tile(R, C, x, 1, 1)
+    br, bc, warps = _tile(R, C, x, 1, 1, tile)
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     _amax_kernel[grid](x, x.stride(0), x.stride(1), sub_t, out, R, C,
-                       BR=br, BC=bc, SUB_DIM=sub_dim, **_LAUNCH)
+                       BR=br, BC=bc, SUB_DIM=sub_dim, num_warps=warps)
     return out.view(torch.float32).view(())
 
 
 def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str, sr_seed: int | None,
              rng_offset: tuple[int, int], amax_t: torch.Tensor | None = None,
-             sub: torch.Tensor | None = None) -> QuantizedTensor:
+             sub: torch.Tensor | None = None, tile=None) -> QuantizedTensor:
     """NVFP4 (1x16, 16x16) or MXFP4 (1x32) codes of x - sub along the last dimension; the caller
     (blockscale) has validated the arguments. NVFP4 takes the tensor amax `amax_t` if given."""
     R, C = x.shape
@@ -405,27 +463,27 @@ def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str, s
             amax_t = amax(x, sub)
         amax_arg = amax_t.to(device=x.device, dtype=torch.float32).reshape(1)
     key = _int32(fmix32(int(sr_seed) & 0xFFFFFFFF)) if sr else 0
-    br, bc = _tile(R, C, x, bk, bm)
+    br, bc, warps = _tile(R, C, x, bk, bm, tile)
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     _quantize_kernel[grid](
         x, x.stride(0), x.stride(1), sub_t, amax_arg, data, scales.view(torch.uint8), tensor_scale,
         R, C, key, int(rng_offset[0]), int(rng_offset[1]),
         BR=br, NB=bc // bk, BK=bk, BM=bm, MX=mx, SR=sr, SUB_DIM=sub_dim,
-        enable_fp_fusion=False, **_LAUNCH,
+        enable_fp_fusion=False, num_warps=warps,
     )
     return QuantizedTensor(data, scales, tensor_scale, fmt, tuple(block), (R, C))
 
 
-def scaled_values(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+def scaled_values(qt: QuantizedTensor, dtype: torch.dtype, tile=None) -> torch.Tensor:
     """QuantizedTensor.scaled_values: code × block scale, written as `dtype` (BF16 or FP32)."""
     R, C = qt.shape
     bm, bk = qt.block
     data = qt.data.contiguous()
     out = torch.empty(R, C, dtype=dtype, device=data.device)
-    br, bc = _tile(R, C, out, bk, bm)
+    br, bc, warps = _tile(R, C, out, bk, bm, tile)
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     _dequant_kernel[grid](data, qt.block_scales.contiguous().view(torch.uint8), out, R, C,
-                          BR=br, NB=bc // bk, BK=bk, BM=bm, MX=qt.fmt == "mxfp4", **_LAUNCH)
+                          BR=br, NB=bc // bk, BK=bk, BM=bm, MX=qt.fmt == "mxfp4", num_warps=warps)
     return out
 
 
@@ -487,6 +545,35 @@ def scaled_mm(a: QuantizedTensor, b: QuantizedTensor, scale: torch.Tensor, terms
         *_term_args(terms, out.device),
         enable_fp_fusion=False,
         BM_A=a.block[0], BM_B=b.block[0], BK=a.block[1], MX=a.fmt == "mxfp4",
-        # The interpreter mishandles BF16 dot operands; FP32 holds the same (exact) values.
-        DOT_DTYPE=tl.float32 if kernels.interpreting() else tl.bfloat16, **t)
+        # The interpreter mishandles BF16 dot operands; FP32 holds the same (exact) values there
+        # (and must not be rounded to TF32). On the GPU: BF16 tensor cores, FP32 accumulation.
+        DOT_DTYPE=tl.float32 if kernels.interpreting() else tl.bfloat16,
+        PRECISION="ieee" if kernels.interpreting() else "tf32", **t)
     return out
+
+
+TOKEN_TILE = 64  # tokens per program of the stats pass (a subtree of the pairwise sum)
+
+
+def token_stats(x: torch.Tensor, dim: int):
+    """One read of x: FP32 sums over `dim` equal to operand.pairwise_sum bit for bit, and the
+    per-feature (min, max) over `dim` (NaN where a NaN occurs)."""
+    v = x if dim == 0 else x.t()  # sum over the rows of v [T, F]
+    T, F = v.shape
+    bt = min(TOKEN_TILE, triton.next_power_of_2(T))
+    # bt and the number of tiles rounded up to a power of two multiply to next_pow2(T): the
+    # kernel's zero padding is exactly pairwise_sum's.
+    n_tiles = triton.cdiv(T, bt)
+    p_pad = triton.next_power_of_2(n_tiles)
+    bf = min(128, triton.next_power_of_2(F))
+    dev = x.device
+    psum, pmin, pmax = (torch.empty(n_tiles, F, dtype=torch.float32, device=dev) for _ in range(3))
+    _token_stats_tile_kernel[(n_tiles, triton.cdiv(F, bf))](
+        v, v.stride(0), v.stride(1), T, F, psum, pmin, pmax,
+        BT=bt, LOG_BT=bt.bit_length() - 1, BF=bf, **_LAUNCH)
+    sums, lo, hi = (torch.empty(F, dtype=torch.float32, device=dev) for _ in range(3))
+    bf2 = max(1, min(128, 8192 // p_pad))
+    _token_stats_final_kernel[(triton.cdiv(F, bf2),)](
+        psum, pmin, pmax, n_tiles, F, sums, lo, hi,
+        P_PAD=p_pad, LOG_P=p_pad.bit_length() - 1, BF=bf2, **_LAUNCH)
+    return sums, (lo, hi)

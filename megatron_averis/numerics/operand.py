@@ -26,10 +26,13 @@ full tensor. This module never calls torch.distributed itself.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from megatron_averis import kernels
 
 from megatron_averis.numerics.blockscale import (
     QuantizedTensor,
@@ -162,14 +165,62 @@ def _as_fp32(stored) -> torch.Tensor:
     return stored.float()
 
 
+# How token sums are ordered: "torch" (torch.sum; its order is the device's and the library's) or
+# "pairwise" (pairwise_sum: a specified order, the same on every device, which the GPU stats
+# kernel reproduces bit for bit in the same pass that finds the residual's range).
+TOKEN_SUM_SWITCH = "MEGATRON_AVERIS_TOKEN_SUM"
+TOKEN_SUMS = ("torch", "pairwise")
+
+
+def token_sum_order() -> str:
+    order = os.environ.get(TOKEN_SUM_SWITCH, "torch")
+    if order not in TOKEN_SUMS:
+        raise ValueError(f"{TOKEN_SUM_SWITCH}={order!r}; use one of {TOKEN_SUMS}")
+    return order
+
+
+def pairwise_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """FP32 sums over `dim` by a pairwise tree: zero-pad to a power of two, then add adjacent
+    pairs level by level (explicit additions: no accumulator starting at +0.0)."""
+    x = x.float().movedim(dim, 0)
+    n = x.shape[0]
+    p = 1 << max(n - 1, 0).bit_length()
+    if p > n:
+        x = torch.cat([x, x.new_zeros((p - n,) + tuple(x.shape[1:]))])
+    while x.shape[0] > 1:
+        x = x[0::2] + x[1::2]
+    return x[0]
+
+
 def token_mean(
-    x: torch.Tensor, dim: int, reducer: StatsReducer = LOCAL
-) -> torch.Tensor:
-    """FP32 mean of x over `dim`, with sums and counts combined over ranks in one collective."""
-    sums = x.float().sum(dim=dim)
+    x: torch.Tensor, dim: int, reducer: StatsReducer = LOCAL, with_range: bool = False
+):
+    """FP32 mean of x over `dim`, with sums and counts combined over ranks in one collective.
+
+    with_range: also return the local per-feature (min, max) of x over `dim` when the GPU stats
+    kernel produced them in the same pass (else None); quantize_operand derives the residual's
+    amax from it instead of reading x again."""
+    rng = None
+    if token_sum_order() == "torch":
+        sums = x.float().sum(dim=dim)
+    elif kernels.use_for(x):
+        from megatron_averis.kernels import fp4
+
+        sums, rng = fp4.token_stats(x, dim)
+    else:
+        sums = pairwise_sum(x, dim)
     stats = torch.cat([sums, torch.full((1,), float(x.shape[dim]), device=x.device)])
     stats = reducer.sum(stats)
-    return stats[:-1] / stats[-1]
+    mean = stats[:-1] / stats[-1]
+    return (mean, rng) if with_range else mean
+
+
+def range_abs_max(rng: tuple[torch.Tensor, torch.Tensor], sub: torch.Tensor) -> torch.Tensor:
+    """max |x - sub| from the per-feature (min, max) of x: x ↦ fl(x - m) is monotone, so the
+    extremes of the residual are fl(min - m) and fl(max - m); equal to abs_max(x, sub)."""
+    lo, hi = rng
+    m = sub.reshape(-1)
+    return torch.maximum((hi - m).abs(), (lo - m).abs()).amax()
 
 
 def quantize_operand(
@@ -207,24 +258,26 @@ def quantize_operand(
         raise ValueError("a precomputed mean needs a mean split without rotation along the mean")
     # The quantizers take the FP32 residual as (r, sub): r.float() - sub is computed inside them
     # (in registers by the GPU kernels), so R = X - μ̂ is never materialized.
-    r, sub = x, None
+    r, sub, rng = x, None, None
     if mean_dim == 0:
         if signs is not None:
             r = blockwise_rht(r.float(), signs)
         if mean is None:
-            mean = _store_mean(token_mean(r, 0, reducer), mean_format)
+            m, rng = token_mean(r, 0, reducer, with_range=True)
+            mean = _store_mean(m, mean_format)
         sub = _as_fp32(mean).view(1, -1)
     elif mean_dim == 1:
         if mean is None:
-            mean = _store_mean(token_mean(r, 1, reducer), mean_format)
+            m, rng = token_mean(r, 1, reducer, with_range=True)
+            mean = _store_mean(m, mean_format)
         sub = _as_fp32(mean).view(-1, 1)
         if signs is not None:
-            r, sub = blockwise_rht(r.float() - sub, signs), None
+            r, sub, rng = blockwise_rht(r.float() - sub, signs), None, None
     elif signs is not None:
         r = blockwise_rht(r.float(), signs)
 
     if fmt == "nvfp4":
-        amax = reducer.max(abs_max(r, sub))
+        amax = reducer.max(abs_max(r, sub) if rng is None else range_abs_max(rng, sub))
         qt = quantize_nvfp4(r, block, rounding, sr_seed, rng_offset, amax=amax, subtract=sub)
     elif fmt == "mxfp4":
         if block != (1, 32):

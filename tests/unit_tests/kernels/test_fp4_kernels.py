@@ -14,6 +14,7 @@ from megatron_averis.numerics import (
     random_signs,
 )
 from megatron_averis.numerics.blockscale import abs_max
+from megatron_averis.numerics.operand import TOKEN_SUM_SWITCH, TOKEN_SUMS, pairwise_sum
 from megatron_averis.recipes import get_recipe
 
 GPU_ONLY_ROWS = 4096  # larger shapes are too slow for the interpreter
@@ -245,14 +246,19 @@ OPERAND_CASES = [
 ]
 
 
+@pytest.mark.parametrize("token_sum", TOKEN_SUMS)
 @pytest.mark.parametrize("mean_dim,rht,mean_format", OPERAND_CASES)
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("rounding", ["rne", "stochastic"])
 @pytest.mark.parametrize("shape", [(64, 96), (992, 160), (8192, 3072)])
-def test_quantize_operand_matches_reference(kdev, reference, kernel_calls, mean_dim, rht,
-                                            mean_format, fmt, rounding, shape):
+def test_quantize_operand_matches_reference(kdev, reference, kernel_calls, monkeypatch, mean_dim,
+                                            rht, mean_format, fmt, rounding, shape, token_sum):
     """fprop/dgrad operands [T, K] (mean_dim 0) and wgrad operands Xᵀ read from X [T, K]
-    (mean_dim 1), with the mean split, the RHT, and the reducer hooks."""
+    (mean_dim 1), with the mean split, the RHT, and the reducer hooks; under both token-sum
+    orders (pairwise: the stats kernel computes the sums and the residual's range)."""
+    if token_sum == "pairwise" and mean_dim is None:
+        pytest.skip("no mean")
+    monkeypatch.setenv(TOKEN_SUM_SWITCH, token_sum)
     t, k = shape
     _skip_big(kdev, t, k)
     x_src = _data(t, k, 7, torch.bfloat16, kdev)
@@ -305,9 +311,11 @@ def test_argument_errors_match_reference(kdev):
         quantize_nvfp4(x[:, :40])
 
 
+@pytest.mark.parametrize("token_sum", TOKEN_SUMS)
 @pytest.mark.parametrize("recipe", ["nvfp4", "averis", "mxfp4", "nvfp4-rht", "averis-rht"])
-def test_linear_step_identical_with_kernels(kdev, reference, recipe):
+def test_linear_step_identical_with_kernels(kdev, reference, monkeypatch, recipe, token_sum):
     """The whole quantized linear (forward + backward): same outputs and gradients bit for bit."""
+    monkeypatch.setenv(TOKEN_SUM_SWITCH, token_sum)
     x = _data(128, 64, 11, torch.float32, kdev)
     gy = _data(128, 96, 12, torch.float32, kdev) * 0.01
 
@@ -406,3 +414,38 @@ def test_fused_gemm_with_mean_terms(kdev, monkeypatch, mean_a, mean_b):
     monkeypatch.setenv(kernels.GEMM_SWITCH, "bogus")
     with pytest.raises(ValueError, match="MEGATRON_AVERIS_FP4_GEMM"):
         qgemm(qa, qb)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (3, 7), (65, 33), (1000, 96), (4096, 40), (8192, 3072)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_token_stats_equal_pairwise_sum(kdev, shape, dtype):
+    """The stats pass: sums bit-identical to operand.pairwise_sum (incl. the sign of zero), and
+    exact per-feature min / max with NaN propagation."""
+    from megatron_averis.kernels import fp4
+
+    t, f = shape
+    _skip_big(kdev, t, f)
+    x = _data(t, f, 18, dtype, "cpu", kind="plain")
+    x[:, 0] = -0.0  # a column of -0.0 sums to -0.0
+    if f > 2:
+        x[t // 2, 1] = float("nan")
+        x[0, 2] = float("inf")
+    x = x.to(kdev)
+    for dim, v in ((0, x), (1, x.t())):
+        sums, (lo, hi) = fp4.token_stats(v, dim)
+        assert_same_tensor(sums, pairwise_sum(v, dim))
+        assert_same_tensor(lo, v.float().amin(dim))
+        assert_same_tensor(hi, v.float().amax(dim))
+
+
+def test_token_sum_switch(monkeypatch):
+    from megatron_averis.numerics.operand import token_sum_order
+
+    monkeypatch.setenv(TOKEN_SUM_SWITCH, "bogus")
+    with pytest.raises(ValueError, match=TOKEN_SUM_SWITCH):
+        token_sum_order()
+    # pairwise_sum is a pairwise tree: (1 + 0) + (2^-24 + 2^-24) = 1 + 2^-23 in FP32, where a
+    # left-to-right sum loses both 2^-24 to rounding
+    x = torch.tensor([[1.0], [0.0], [2.0**-24], [2.0**-24], [0.0]])
+    assert pairwise_sum(x, 0).item() == 1.0 + 2.0**-23
+    assert pairwise_sum(x.t(), 1).item() == 1.0 + 2.0**-23
