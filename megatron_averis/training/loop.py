@@ -109,13 +109,19 @@ class Trainer:
         self.consumed_samples = 0
         self.resumed_from = None
         if args.load:
+            start = time.monotonic()
             state = self.checkpointer.load()
             if state is not None:
                 self.iteration = state["iteration"]
                 self.consumed_samples = state["consumed_train_samples"]
-                self.resumed_from = state
+                self.resumed_from = {**state, "seconds": round(time.monotonic() - start, 1)}
 
+        start = time.monotonic()
+        print0("building datasets (megatron-core indexes a corpus once and caches the index)...")
         self.train_ds, self.valid_ds, self.test_ds = data_lib.build_datasets(args, self.tokenizer)
+        print0(f"datasets ready in {time.monotonic() - start:.1f} s: train {len(self.train_ds):,} "
+               f"samples" + (f", valid {len(self.valid_ds):,}" if self.valid_ds is not None else "")
+               + (f", test {len(self.test_ds):,}" if self.test_ds is not None else ""))
         self.logger = RunLogger(args, self.config_dict, enabled=torch.distributed.get_rank() == 0)
         self.tokens_per_iteration = args.global_batch_size * args.seq_length
         self.flops_per_iteration = training_flops_per_iteration(
@@ -161,7 +167,7 @@ class Trainer:
         if self.resumed_from:
             r = self.resumed_from
             lines.append(f"resumed from {r['loaded_from']} at iteration {r['iteration']} "
-                         f"({r['consumed_train_samples']:,} samples consumed)"
+                         f"({r['consumed_train_samples']:,} samples consumed; loaded in {r['seconds']} s)"
                          + ("" if r["rng_restored"] else "; RNG state not restored")
                          + ("" if r["optimizer_restored"] else "; optimizer state not restored"))
         elif a.load:
@@ -248,6 +254,8 @@ class Trainer:
                f"{_eval_tokens(self.args):,} tokens in {seconds:.1f} s")
         self.logger.record(split, self.iteration, {"loss": loss, "ppl": ppl, "seconds": seconds},
                            scalars={f"{split}/loss": loss, f"{split}/ppl": ppl})
+        if split == "valid":
+            self.last_validated = self.iteration
         return seconds
 
     def _save(self) -> float:
@@ -273,6 +281,7 @@ class Trainer:
     def train(self) -> None:
         a = self.args
         self.last_saved = self.iteration if self.resumed_from else None
+        self.last_validated = None
         loader = data_lib.make_loader(self.train_ds, self.consumed_samples,
                                       a.train_iters * a.global_batch_size, a, self.dp_rank,
                                       self.dp_size, pin_memory=self.device.type == "cuda",
@@ -329,7 +338,7 @@ class Trainer:
         if a.save and self.last_saved != self.iteration:
             self._save()
         if not stopped_by_signal:
-            if self.valid_ds is not None and self.iteration % a.eval_interval != 0:
+            if self.valid_ds is not None and self.last_validated != self.iteration:
                 self._validate("valid", self.valid_ds)
             if self.test_ds is not None:
                 self._validate("test", self.test_ds)
