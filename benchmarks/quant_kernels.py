@@ -212,6 +212,25 @@ def gemm_only_table(cases):
               f"| {t_fused:.3f} ({t_fused / t_bf16:.2f}) | {t_mm:.3f} ({t_mm / t_bf16:.2f}) |")
 
 
+def gemm_tile_sweep(tokens: int):
+    """Fused FP4 GEMM per tile, on Qwen3-0.6B fc1 fprop ([tokens x 1024] x [6144 x 1024]ᵀ)."""
+    print(f"\n## Fused GEMM tile sweep: [{tokens} x 1024] x [6144 x 1024]ᵀ (ms)\n")
+    x = torch.randn(tokens, 1024, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(6144, 1024, device=DEVICE, dtype=torch.bfloat16)
+    a, b = quantize_nvfp4(x), quantize_nvfp4(w, (16, 16))
+    s = a.tensor_scale * b.tensor_scale
+    t_bf16 = bench(lambda: torch.mm(x, w.t()))
+    print(f"| tile | ms | ratio to BF16 mm ({t_bf16:.3f} ms) |\n|---|---|---|")
+    for bm, bn, bk, warps, stages in [(128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                                      (64, 128, 128, 4, 3), (128, 64, 128, 4, 4)]:
+        tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        try:
+            t = bench(lambda: fp4.scaled_mm(a, b, s, tile=tile))
+            print(f"| {tile} | {t:.3f} | {t / t_bf16:.2f} |")
+        except Exception as e:  # e.g. out of shared memory for this tile: report, go on
+            print(f"| {tile} | failed: {type(e).__name__} | |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192)
@@ -233,6 +252,8 @@ def main():
     recipes = ["averis"] if a.quick else ["nvfp4", "averis", "averis-pairwise"]
     cases = gemm_table(a.tokens, recipes, kernels.GEMM_MODES)
     gemm_only_table(cases)
+    if not a.quick:
+        gemm_tile_sweep(a.tokens)
 
 
 if __name__ == "__main__":
