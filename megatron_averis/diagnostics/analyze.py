@@ -186,6 +186,13 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RuntimeError("the plots need matplotlib: pip install matplotlib") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tools/analyze_mean_bias.py",
@@ -216,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        _require_matplotlib()
         with ckpt.single_process():
             if a.all_checkpoints:
                 infos = ckpt.list_checkpoints(a.load)

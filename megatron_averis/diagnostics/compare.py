@@ -168,6 +168,13 @@ def plot(runs: list[Run], baseline: str, path: str, smoothing: float, title: str
     plt.close(fig)
 
 
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RuntimeError("the plots need matplotlib: pip install matplotlib") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tools/compare_runs.py",
@@ -202,6 +209,7 @@ def _default_baseline(runs: list[Run]) -> str:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        _require_matplotlib()
         runs = load_runs(a.runs, a.source, a.wandb_group)
         baseline = a.baseline or _default_baseline(runs)
         rows = gap_rows(runs, baseline, a.last_percent)

@@ -54,6 +54,7 @@ def test_all_checkpoints_with_gradients(tiny_runs, tmp_path):
 def test_statistics_are_those_of_the_layer_input(tiny_runs, tmp_path, tiny_corpus):
     """The CSV row of one layer equals the float64 formulas on that layer's input, captured here
     with a hook of our own on the same model and batch."""
+    pytest.importorskip("matplotlib")
     out = str(tmp_path / "one")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "analyze_mean_bias.py"),
                         "--load", tiny_runs["averis"], "--ckpt-step", "2", "--recipe", "bf16",
@@ -96,6 +97,7 @@ def test_batch_tokens_reads_the_dataset_in_order(tiny_corpus):
 
 
 def test_errors(tiny_runs, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     assert analyze.main(["--load", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
     assert analyze.main(["--load", tiny_runs["averis"], "--ckpt-step", "3",

@@ -162,6 +162,7 @@ def test_wandb_project(monkeypatch):
 
 
 def test_errors(tiny_runs, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     assert compare.main([tiny_runs["bf16"], "--baseline", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "baseline 'nope' is not among the runs ['tiny-bf16']" in capsys.readouterr().err
     assert compare.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
@@ -174,15 +175,23 @@ def test_errors(tiny_runs, tmp_path, capsys):
 
 
 def test_wandb_missing(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     assert compare.main(["wandb:e/p", "--out", str(tmp_path / "x")]) == 2
     assert "pip install wandb" in capsys.readouterr().err
 
 
 def test_auto_smoothing_and_bad_value(tiny_runs, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     assert compare.auto_smoothing(10) == 0.0 and compare.auto_smoothing(40) == 0.5
     assert compare.auto_smoothing(1000) == pytest.approx(0.98)
     assert compare.main([tiny_runs["bf16"], "--smoothing", "x", "--out", str(tmp_path / "x")]) == 2
     assert "--smoothing 'x'" in capsys.readouterr().err
     assert compare.main([tiny_runs["bf16"], "--smoothing", "1", "--out", str(tmp_path / "x")]) == 2
     assert "smoothing weight must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_matplotlib_missing_is_named(monkeypatch, tiny_runs, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert compare.main([tiny_runs["bf16"], "--out", str(tmp_path / "x")]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
