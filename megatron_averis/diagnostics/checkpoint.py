@@ -112,16 +112,17 @@ def model_args(config: dict, *, recipe: Recipe | None = None, bf16: bool | None 
 
 def build_model(config: dict, *, recipe: Recipe | str | None = None, bf16: bool | None = None,
                 device: torch.device | str = "cpu"):
-    """The run's GPTModel in this process (inside `single_process()`); random weights."""
+    """The run's GPTModel in this process (inside `single_process()`); random weights. It is
+    built as on a CPU-only machine (weights initialised from torch's CPU generator, so no CUDA
+    RNG tracker is needed; no fused kernels) and then moved to `device`."""
     from megatron_averis.training.model import build_model as trainer_build_model
     from megatron_averis.training.model import transformer_config
 
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
-    device = torch.device(device)
+    cpu = torch.device("cpu")
     args = model_args(config, recipe=recipe, bf16=bf16)
-    tconfig = transformer_config(args, device)
-    return trainer_build_model(args, tconfig, device)[0]
+    return trainer_build_model(args, transformer_config(args, cpu), cpu)[0].to(device)
 
 
 def load_model(info: CheckpointInfo, *, recipe: Recipe | str | None = None,
@@ -133,7 +134,7 @@ def load_model(info: CheckpointInfo, *, recipe: Recipe | str | None = None,
     from megatron_averis.training.cpu_compat import cpu_training
 
     with cpu_training():
-        model = build_model(info.config, recipe=recipe, device=device)
+        model = build_model(info.config, recipe=recipe)
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, info.path)
         model.load_state_dict(loaded["model"])
-    return model.eval()
+    return model.to(device).eval()
