@@ -30,7 +30,7 @@ import triton.language as tl
 
 from megatron_averis import kernels
 from megatron_averis.numerics.blockscale import MXFP4_BLOCK, QuantizedTensor
-from megatron_averis.numerics.random import fmix32
+from megatron_averis.numerics.random import _positions, fmix32
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 # float32(1/6), written exactly: the reference multiplies S_enc by the FP32-rounded 1/6.
@@ -94,8 +94,10 @@ def _e4m3_rne(v):
 
 
 @triton.jit
-def _encode_e2m1(y, r, c, key, off_r, off_c, SR: tl.constexpr):
-    """E2M1 codes of scaled values y (e2m1.encode_e2m1); r, c: local indices for the SR hash."""
+def _encode_e2m1(y, r, c, R, C, key, off_r, off_c, ridx_ptr, cidx_ptr, SR: tl.constexpr,
+                 ROW_IDX: tl.constexpr, COL_IDX: tl.constexpr):
+    """E2M1 codes of scaled values y (e2m1.encode_e2m1). For SR, the local indices r, c map to
+    global positions as in random.position_uniform: offset + index, or an index tensor."""
     a = _abs_bits(y).to(tl.float32, bitcast=True)
     neg = (y < 0.0).to(tl.int32)
     if SR:
@@ -110,8 +112,10 @@ def _encode_e2m1(y, r, c, key, off_r, off_c, SR: tl.constexpr):
         inv_gap = tl.where(lo < 4, 2.0, tl.where(lo == 6, 0.5, 1.0))
         p_up = (a - lo_v) * inv_gap
         keyu = key.to(tl.uint32, bitcast=True)
-        hr = _fmix32((off_r + r).to(tl.uint32) * 0x9E3779B1 + keyu)
-        h = _fmix32((hr ^ ((off_c + c).to(tl.uint32) * 0x85EBCA77)) ^ keyu)
+        gr = _global_index(r, R, off_r, ridx_ptr, ROW_IDX)
+        gc = _global_index(c, C, off_c, cidx_ptr, COL_IDX)
+        hr = _fmix32(gr.to(tl.uint32) * 0x9E3779B1 + keyu)
+        h = _fmix32((hr ^ (gc.to(tl.uint32) * 0x85EBCA77)) ^ keyu)
         u = (h >> 8).to(tl.float32) * 5.9604644775390625e-08  # 24 random bits · 2^-24
         idx = lo + (u < p_up).to(tl.int32)
     else:
@@ -123,14 +127,23 @@ def _encode_e2m1(y, r, c, key, off_r, off_c, SR: tl.constexpr):
     return idx | (neg << 3)
 
 
+@triton.jit
+def _global_index(local, n, off, idx_ptr, FROM_TENSOR: tl.constexpr):
+    """Global positions of local indices: off + local, or idx[local] (an index tensor)."""
+    if FROM_TENSOR:
+        return tl.load(idx_ptr + local, mask=local < n, other=0)
+    return off + local
+
+
 # Sizes, seeds and offsets are not specialized on (divisibility by 16, == 1): a new value must
 # not compile a new kernel. Strides are, so that contiguous loads vectorize.
 @triton.jit(do_not_specialize=["R", "C", "key", "off_r", "off_c"])
 def _quantize_kernel(
     x_ptr, sx_r, sx_c, sub_ptr, amax_ptr, q_ptr, s_ptr, ts_ptr,
-    R, C, key, off_r, off_c,
+    R, C, key, off_r, off_c, ridx_ptr, cidx_ptr,
     BR: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
     MX: tl.constexpr, SR: tl.constexpr, SUB_DIM: tl.constexpr,
+    ROW_IDX: tl.constexpr, COL_IDX: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -178,7 +191,8 @@ def _quantize_kernel(
     if BM > 1:
         mult = tl.reshape(tl.broadcast_to(tl.expand_dims(mult, 1), [BR // BM, BM, NB]), [BR, NB])
 
-    codes = _encode_e2m1(x * tl.expand_dims(mult, 2), r3, c3, key, off_r, off_c, SR)
+    codes = _encode_e2m1(x * tl.expand_dims(mult, 2), r3, c3, R, C, key, off_r, off_c,
+                         ridx_ptr, cidx_ptr, SR, ROW_IDX, COL_IDX)
     lo, hi = tl.split(tl.reshape(codes, [BR, NB, BK // 2, 2]))
     half_c = C // 2
     qc = (blks[:, None] * (BK // 2) + tl.arange(0, BK // 2)[None, :]).to(tl.int64)[None, :, :]
@@ -423,6 +437,14 @@ def _sub_arg(x: torch.Tensor, sub: torch.Tensor | None) -> tuple[torch.Tensor, i
     return sub.to(device=x.device, dtype=torch.float32).contiguous(), dim
 
 
+def _offset_arg(where, n: int, device):
+    """(offset, index tensor, from_tensor) for one entry of rng_offset: an int, or a tensor of
+    global indices (validated and converted by random._positions, as the reference does)."""
+    if isinstance(where, torch.Tensor):
+        return 0, _positions(where, n, device).contiguous(), True
+    return int(where), None, False
+
+
 def _int32(v: int) -> int:
     """A uint32 as the int32 with the same bits (Triton passes ints >= 2^31 as int64)."""
     v &= 0xFFFFFFFF
@@ -463,12 +485,15 @@ def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str, s
             amax_t = amax(x, sub)
         amax_arg = amax_t.to(device=x.device, dtype=torch.float32).reshape(1)
     key = _int32(fmix32(int(sr_seed) & 0xFFFFFFFF)) if sr else 0
+    off_r, ridx, row_idx = _offset_arg(rng_offset[0], R, x.device) if sr else (0, None, False)
+    off_c, cidx, col_idx = _offset_arg(rng_offset[1], C, x.device) if sr else (0, None, False)
     br, bc, warps = _tile(R, C, x, bk, bm, tile)
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     _quantize_kernel[grid](
         x, x.stride(0), x.stride(1), sub_t, amax_arg, data, scales.view(torch.uint8), tensor_scale,
-        R, C, key, int(rng_offset[0]), int(rng_offset[1]),
+        R, C, key, off_r, off_c, ridx if row_idx else data, cidx if col_idx else data,
         BR=br, NB=bc // bk, BK=bk, BM=bm, MX=mx, SR=sr, SUB_DIM=sub_dim,
+        ROW_IDX=row_idx, COL_IDX=col_idx,
         enable_fp_fusion=False, num_warps=warps,
     )
     return QuantizedTensor(data, scales, tensor_scale, fmt, tuple(block), (R, C))

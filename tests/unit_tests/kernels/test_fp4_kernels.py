@@ -449,3 +449,23 @@ def test_token_sum_switch(monkeypatch):
     x = torch.tensor([[1.0], [0.0], [2.0**-24], [2.0**-24], [0.0]])
     assert pairwise_sum(x, 0).item() == 1.0 + 2.0**-23
     assert pairwise_sum(x.t(), 1).item() == 1.0 + 2.0**-23
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_sr_with_index_tensor_offsets(kdev, reference, fmt):
+    """rng_offset entries given as global index tensors (strided SwiGLU shards)."""
+    x = _data(48, 64, 19, torch.bfloat16, kdev)
+    rows = torch.arange(48, device=kdev) * 2 + 7
+    cols = torch.cat([torch.arange(32), torch.arange(32) + 1000]).to(kdev)
+    for off in ((rows, 5), (3, cols), (rows, cols)):
+        if fmt == "mxfp4":
+            got = quantize_mxfp4(x, "stochastic", sr_seed=9, rng_offset=off)
+            with reference():
+                want = quantize_mxfp4(x, "stochastic", sr_seed=9, rng_offset=off)
+        else:
+            got = quantize_nvfp4(x, rounding="stochastic", sr_seed=9, rng_offset=off)
+            with reference():
+                want = quantize_nvfp4(x, rounding="stochastic", sr_seed=9, rng_offset=off)
+        assert_same_qt(got, want)
+    with pytest.raises(ValueError, match="global indices"):
+        quantize_nvfp4(x, rounding="stochastic", sr_seed=9, rng_offset=(rows[:5], 0))
