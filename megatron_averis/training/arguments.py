@@ -288,6 +288,39 @@ def _split_weights(split: str) -> list[float] | None:
         else None
 
 
+def _split_coverage_problems(values: list[str], split: str, weights: list[float],
+                             used: tuple[bool, bool, bool]) -> list[str]:
+    """Every dataset of --data-path must hold at least one sequence in each split that is read:
+    megatron-core cuts each dataset by --split (rounding to whole sequences) and loops forever
+    trying to draw samples from an empty part. Unread splits are not built (data.py)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    weighted = len(values) % 2 == 0 and all(_is_number(v) for v in values[0::2])
+    prefixes = values[1::2] if weighted else values
+    total = sum(weights)
+    bounds, acc = [], 0.0
+    for w in weights:
+        bounds.append((acc / total, (acc + w) / total))
+        acc += w
+    problems = []
+    for prefix in prefixes:
+        try:
+            n = len(IndexedDataset(prefix))
+        except Exception as e:  # a truncated or foreign file: say which, not a traceback
+            problems.append(f"--data-path: cannot read the index of {prefix!r} ({type(e).__name__}: "
+                            f"{e}); rebuild it with tools/preprocess_data.py")
+            continue
+        for name, w, (lo, hi), read in zip(("train", "valid", "test"), weights, bounds, used):
+            if read and w > 0 and int(round(hi * n)) - int(round(lo * n)) < 1:
+                problems.append(
+                    f"--data-path: {prefix!r} holds {n} sequences (documents), so --split {split} "
+                    f"leaves its {name} part empty; give {name} a share of at least one of its "
+                    "sequences" + (", or 0 to have no test split" if name == "test" else "")
+                    + ", drop the dataset, or give each split its own datasets with "
+                    "--train-data-path / --valid-data-path / --test-data-path")
+    return problems
+
+
 def _fp4_shape_problems(args, arch: ModelArch, recipe) -> list[str]:
     """The quantized GEMMs' dimensions (per tensor-parallel rank) must split into whole blocks."""
     tp = args.tensor_model_parallel_size
@@ -435,6 +468,10 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         problems.append("validation is on (--eval-iters > 0) but there is no validation data: give "
                         "--split with a validation weight, --valid-data-path, or --eval-iters 0")
     args.has_valid_data = has_valid and args.eval_iters > 0
+    if (args.data_path is not None and weights is not None and weights[0] > 0
+            and not _blend_problems("--data-path", args.data_path)):
+        used = (True, args.has_valid_data, args.has_test_data and args.eval_iters > 0)
+        problems += _split_coverage_problems(args.data_path, args.split, weights, used)
 
     # Checkpoints.
     if args.save_interval is not None and args.save_interval < 1:

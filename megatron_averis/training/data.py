@@ -49,10 +49,18 @@ def dataset_config(args, tokenizer) -> GPTDatasetConfig:
         mmap_bin_files=True,
     )
     if args.data_path is not None:
-        return GPTDatasetConfig(blend=parse_blend(args.data_path), split=args.split, **common)
+        config = GPTDatasetConfig(blend=parse_blend(args.data_path), split=args.split, **common)
+        # Splits that will not be read are not built: the others keep the document ranges
+        # --split gives them (changing --split itself would move those ranges).
+        used = (True, args.has_valid_data, args.has_test_data and args.eval_iters > 0)
+        config.split_matrix = [m if u else None for m, u in zip(config.split_matrix, used)]
+        return config
+    # Splits that will not be read get no blend, so megatron-core does not build them.
+    use_test = args.has_test_data and args.eval_iters > 0
     return GPTDatasetConfig(
-        blend_per_split=[parse_blend(args.train_data_path), parse_blend(args.valid_data_path),
-                         parse_blend(args.test_data_path)],
+        blend_per_split=[parse_blend(args.train_data_path),
+                         parse_blend(args.valid_data_path) if args.has_valid_data else None,
+                         parse_blend(args.test_data_path) if use_test else None],
         **common,
     )
 
@@ -71,7 +79,7 @@ def build_datasets(args, tokenizer):
     ]
     config = dataset_config(args, tokenizer)
     if args.data_path is not None:
-        # megatron-core asks for sizes of unweighted splits it builds; unused ones get 0 samples.
+        # megatron-core wants a size for every split of a weighted blend, built or not.
         sizes = [s if s is not None else 0 for s in sizes]
     datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     train, valid, test = datasets

@@ -1,17 +1,27 @@
 """Start-up validation: every problem is reported before any work, with the change that fixes it."""
 
+import numpy as np
 import pytest
 
 from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args
 from megatron_averis.training.presets import PRESETS
 
 
+def write_indexed(prefix, documents: int):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for i in range(documents):
+        builder.add_document(np.arange(5 + i % 7, dtype=np.uint16), [5 + i % 7])
+    builder.finalize(f"{prefix}.idx")
+
+
 @pytest.fixture
 def files(tmp_path):
-    for prefix in ("a", "b"):
-        (tmp_path / f"{prefix}.bin").write_bytes(b"")
-        (tmp_path / f"{prefix}.idx").write_bytes(b"")
-    (tmp_path / "tok.model").write_bytes(b"")
+    write_indexed(tmp_path / "a", 1000)
+    write_indexed(tmp_path / "b", 1000)
+    write_indexed(tmp_path / "small", 3)
+    (tmp_path / "tok.model").write_bytes(b"")  # only its existence is checked at start-up
     return tmp_path
 
 
@@ -146,3 +156,22 @@ def test_wandb_mode_needs_wandb(files, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     assert "wandb is not installed" in problems(files, "--wandb-mode", "offline")
     finalize(files)  # absent and not asked for: fine (a message at start-up says so)
+
+
+def test_every_dataset_must_fill_every_split(files):
+    # 3 sequences: 969,30,1 leaves valid (and test) without one; megatron-core would loop forever.
+    msg = problems(files, "--data-path", "0.5", str(files / "a"), "0.5", str(files / "small"))
+    assert "small' holds 3 sequences (documents), so --split 969,30,1 leaves its valid part empty" in msg
+    assert "a' holds" not in msg  # 1000 sequences: 969 / 30 / 1
+    # 100 sequences: a tenth of one for test.
+    write_indexed(files / "hundred", 100)
+    msg = problems(files, "--data-path", str(files / "hundred"))
+    assert "hundred' holds 100 sequences (documents), so --split 969,30,1 leaves its test part empty" in msg
+    assert "or 0 to have no test split" in msg
+    finalize(files, "--data-path", "0.5", str(files / "a"), "0.5", str(files / "small"),
+             "--split", "1,1,1")
+    # Splits that are not read do not matter: no validation, no test evaluation.
+    finalize(files, "--data-path", str(files / "small"), "--eval-iters", "0")
+    (files / "bad.bin").write_bytes(b"")
+    (files / "bad.idx").write_bytes(b"junk")
+    assert "cannot read the index of" in problems(files, "--data-path", str(files / "bad"))
