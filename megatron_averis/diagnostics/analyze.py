@@ -15,6 +15,7 @@ import torch
 
 from megatron_averis.diagnostics import checkpoint as ckpt
 from megatron_averis.diagnostics.capture import run_batch
+from megatron_averis.diagnostics.compare import require_matplotlib
 from megatron_averis.diagnostics.mean_bias import METRICS
 
 HEATMAP_METRICS = ("mean_to_residual", "mean_energy_share", "topk_mean_share", "cos_mean_top_sv",
@@ -186,13 +187,6 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise RuntimeError("the plots need matplotlib: pip install matplotlib") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tools/analyze_mean_bias.py",
@@ -223,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        _require_matplotlib()
+        require_matplotlib()
         with ckpt.single_process():
             if a.all_checkpoints:
                 infos = ckpt.list_checkpoints(a.load)

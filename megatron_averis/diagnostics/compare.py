@@ -168,7 +168,7 @@ def plot(runs: list[Run], baseline: str, path: str, smoothing: float, title: str
     plt.close(fig)
 
 
-def _require_matplotlib() -> None:
+def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -209,7 +209,7 @@ def _default_baseline(runs: list[Run]) -> str:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        _require_matplotlib()
+        require_matplotlib()
         runs = load_runs(a.runs, a.source, a.wandb_group)
         baseline = a.baseline or _default_baseline(runs)
         rows = gap_rows(runs, baseline, a.last_percent)
