@@ -19,6 +19,7 @@ from megatron_averis.training.presets import PRESETS as MODEL_PRESETS
 from megatron_averis.training.presets import ModelArch
 
 FP4_RECIPES = tuple(name for name in RECIPE_PRESETS if name != "bf16")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 # Architecture flags a preset fills in when they are not given (argparse dest -> ModelArch field).
@@ -80,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="separate output layer (presets tie it to the embedding)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the tokenizer's vocabulary to a multiple of this times TP")
+    g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
+                   help="local: our layers (FP4 recipes emulated or on Triton kernels); "
+                        "transformer_engine: megatron-core's Transformer Engine layers with the "
+                        "recipe as a TE CustomRecipe (needs TE >= 2.20 and CUDA; "
+                        "docs/transformer-engine.md)")
 
     g = p.add_argument_group("precision and FP4 recipe")
     g.add_argument("--bf16", action="store_true",
@@ -321,6 +327,22 @@ def _split_coverage_problems(values: list[str], split: str, weights: list[float]
     return problems
 
 
+def _transformer_engine_problems() -> list[str]:
+    """--transformer-impl transformer_engine: TE must import (checked only when asked for)."""
+    import torch
+
+    from megatron_averis.te.availability import TransformerEngineMissing, require_te
+
+    if not torch.cuda.is_available():
+        return ["--transformer-impl transformer_engine needs CUDA GPUs (Transformer Engine has no "
+                "CPU path); use --transformer-impl local here"]
+    try:
+        require_te()
+    except TransformerEngineMissing as e:
+        return [str(e)]
+    return []
+
+
 def _fp4_shape_problems(args, arch: ModelArch, recipe) -> list[str]:
     """The quantized GEMMs' dimensions (per tensor-parallel rank) must split into whole blocks."""
     tp = args.tensor_model_parallel_size
@@ -410,6 +432,9 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
                                 f"{arch.num_layers}; lower --num-layers-at-start/end-in-bf16")
             if not recipe.is_bf16:
                 problems += _fp4_shape_problems(args, arch, recipe)
+
+    if args.transformer_impl == "transformer_engine":
+        problems += _transformer_engine_problems()
 
     # Learning-rate schedule.
     if args.lr <= 0:

@@ -1,4 +1,6 @@
-"""TransformerConfig from the command line, and this rank's GPTModel from the Averis spec."""
+"""TransformerConfig from the command line, and this rank's GPTModel: our Averis spec
+(--transformer-impl local) or megatron-core's TE spec under the recipe as a TE CustomRecipe
+(--transformer-impl transformer_engine)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_averis.megatron.model import build_gpt_model
+from megatron_averis.te.model import build_te_gpt_model, te_config_fields
 
 
 def transformer_config(args, device: torch.device) -> TransformerConfig:
@@ -53,12 +56,18 @@ def transformer_config(args, device: torch.device) -> TransformerConfig:
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
+        **(te_config_fields(args.recipe) if uses_te(args) else {}),
     )
+
+
+def uses_te(args) -> bool:
+    return getattr(args, "transformer_impl", "local") == "transformer_engine"
 
 
 def build_model(args, config: TransformerConfig, device: torch.device) -> list[torch.nn.Module]:
     """This pipeline stage's model chunk (a list, as megatron-core's schedules expect)."""
-    model = build_gpt_model(
+    build = build_te_gpt_model if uses_te(args) else build_gpt_model
+    model = build(
         config,
         args.recipe,
         vocab_size=args.padded_vocab_size,

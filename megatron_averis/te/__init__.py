@@ -1,0 +1,19 @@
+"""Averis as a Transformer Engine CustomRecipe (TE >= 2.20, optional).
+
+- factories.py: the qfactory callables (presets averis, averis_rht, nvfp4, nvfp4_rht, and the
+  trainer's `configured` recipe) for CustomRecipe / Megatron-LM's --fp4-quantizer-factory;
+- roles.py: TE quantizer roles -> our GEMM operands;
+- core.py: quantization and GEMMs through our numerics (no TE needed);
+- quantizer.py: TE's Quantizer / QuantizedTensorStorage subclasses (needs TE);
+- binding.py, stats.py: per-layer context, TP layout, sequence-parallel shard detection;
+- native.py: Blackwell's native NVFP4 GEMM for the residual product;
+- model.py: megatron-core's TE GPT layer spec under this recipe (the trainer's
+  --transformer-impl transformer_engine);
+- availability.py: the TE check and its error.
+
+Importing this package does not import Transformer Engine.
+"""
+
+from megatron_averis.te.availability import TransformerEngineMissing, require_te, te_installed
+
+__all__ = ["TransformerEngineMissing", "require_te", "te_installed"]

@@ -1,0 +1,57 @@
+"""The trainer's --transformer-impl transformer_engine: megatron-core's TE GPT layers under the
+Averis CustomRecipe.
+
+megatron-core builds its TE spec (TELayerNormColumnParallelLinear for linear_qkv / linear_fc1
+with the RMSNorm fused in, TERowParallelLinear, TEDotProductAttention, TENorm for the q/k norms)
+and enters the recipe itself: TransformerBlock wraps each layer in `get_fp4_context`, which with
+`fp4_recipe="custom"` builds TE's CustomRecipe from the factory path in the config and skips the
+BF16 edge layers. We only put our recipe behind that path (factories.configure) and fill the
+config fields.
+"""
+
+from __future__ import annotations
+
+from megatron_averis.recipes import Recipe
+
+FACTORY_PATH = "megatron_averis.te.factories.configured"
+
+
+def te_config_fields(recipe: Recipe) -> dict:
+    """TransformerConfig fields that make megatron-core run `recipe` through TE (none: BF16)."""
+    if recipe.is_bf16:
+        return {}
+    fields = dict(fp4="e2m1", fp4_recipe="custom", fp4_quantizer_factory=FACTORY_PATH)
+    if recipe.bf16_first_layers or recipe.bf16_last_layers:
+        fields.update(first_last_layers_bf16=True,
+                      num_layers_at_start_in_bf16=recipe.bf16_first_layers,
+                      num_layers_at_end_in_bf16=recipe.bf16_last_layers)
+    return fields
+
+
+def build_te_gpt_model(config, recipe: Recipe, *, vocab_size: int, max_seq_len: int,
+                       qk_layernorm: bool, rotary_base, share_embeddings_and_output_weights: bool,
+                       pre_process: bool = True, post_process: bool = True,
+                       vp_stage: int | None = None):
+    """GPTModel with megatron-core's TE layer spec, its GEMMs under `recipe`."""
+    from megatron_averis.te.availability import require_te
+
+    require_te()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_averis.te import factories
+
+    expected = te_config_fields(recipe)
+    if any(getattr(config, k) != v for k, v in expected.items()) or (recipe.is_bf16 and config.fp4):
+        raise ValueError(f"the TransformerConfig does not select recipe {recipe.name!r} for TE; "
+                         "build it with te_config_fields(recipe)")
+    if config.gradient_accumulation_fusion and not recipe.is_bf16:
+        raise ValueError("TE hands custom-recipe GEMMs no main_grad buffer; set "
+                         "gradient_accumulation_fusion=False")
+    factories.configure(recipe)
+    spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+                    max_sequence_length=max_seq_len, pre_process=pre_process,
+                    post_process=post_process, parallel_output=True,
+                    share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+                    position_embedding_type="rope", rotary_base=rotary_base, vp_stage=vp_stage)
