@@ -302,19 +302,27 @@ def _epilogue(acc, scale_ptr, rm, rn, M, N,
 
 
 @triton.jit(do_not_specialize=["M", "N", "k1", "k2", "k3"])
-def _scale_terms_kernel(c_ptr, scale_ptr, M, N,
+def _scale_terms_kernel(c_ptr, o_ptr, scale_ptr, M, N,
                         T1: tl.constexpr, u1, v1, k1, K1: tl.constexpr,
                         T2: tl.constexpr, u2, v2, k2, K2: tl.constexpr,
                         T3: tl.constexpr, u3, v3, k3, K3: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """In place: C = C·scale + terms, one pass over the FP32 GEMM result."""
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BF16_OUT: tl.constexpr):
+    """O = C·scale + terms in one pass over the FP32 GEMM result C: in place (FP32), or with
+    BF16_OUT rounded to nearest-even BF16 bit patterns in O (int16), saving a separate cast."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ptr = c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    out = _epilogue(tl.load(ptr, mask=mask, other=0.0), scale_ptr, rm, rn, M, N,
+    out = _epilogue(tl.load(c_ptr + offs, mask=mask, other=0.0), scale_ptr, rm, rn, M, N,
                     T1, u1, v1, k1, K1, T2, u2, v2, k2, K2, T3, u3, v3, k3, K3)
-    tl.store(ptr, out, mask=mask)
+    if BF16_OUT:
+        # RNE on the bit pattern (the interpreter's float casts do not round like the GPU)
+        u = out.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where(out != out, 0x7FC0, r)  # NaN stays NaN (quiet, as torch writes it)
+        tl.store(o_ptr + offs, r.to(tl.int32, bitcast=True).to(tl.int16), mask=mask)
+    else:
+        tl.store(o_ptr + offs, out, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "N", "k1", "k2", "k3"])
@@ -407,10 +415,9 @@ def _token_stats_final_kernel(psum, pmin, pmax, P, F, sum_ptr, lo_ptr, hi_ptr,
 # ---- host side -----------------------------------------------------------------------------
 
 _LAUNCH = dict(num_warps=4)
-# (rows, columns, warps) per program. Row-major operands: 128 columns = 256 B of BF16 per row.
-# Operands read transposed (wgrad Xᵀ, Gᵀ: rows contiguous in memory): 64 contiguous rows per
-# load, and 128 columns so that each row's packed output is a 64-byte run.
-TILES = {"rows": (32, 128, 4), "transposed": (64, 128, 8)}
+# (rows, columns, warps) per program, the fastest of benchmarks/quant_kernels.py's sweep on an
+# H100 (docs/performance.md). "transposed": operands read through swapped strides (wgrad Xᵀ, Gᵀ).
+TILES = {"rows": (64, 64, 4), "transposed": (16, 128, 4)}
 
 
 def _tile(R: int, C: int, x: torch.Tensor, bk: int, bm: int, tile=None) -> tuple[int, int, int]:
@@ -521,39 +528,61 @@ def gemm_supported(a: QuantizedTensor, b: QuantizedTensor) -> bool:
             and a.shape[1] % GEMM_TILE["BLOCK_K"] == 0)
 
 
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholder(device) -> torch.Tensor:
+    """A never-read pointer argument for absent terms (one per device, not one per launch)."""
+    key = str(device)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.empty(1, dtype=torch.float32, device=device)
+    return _PLACEHOLDERS[key]
+
+
+def _vec(v: torch.Tensor, device) -> torch.Tensor:
+    return v.to(device=device, dtype=torch.float32).contiguous().reshape(-1)
+
+
+MAX_TERMS = 3  # qgemm adds at most 3 (two cross terms and μ_A·μ_B); the bias may make a 4th
+
+
 def _term_args(terms, device) -> list:
     """Kernel arguments (kind, u, v, k, has_k) x 3 for up to three qgemm.MeanTerm."""
-    if len(terms) > 3:
-        raise ValueError(f"at most 3 mean terms, got {len(terms)}")
+    if len(terms) > MAX_TERMS:
+        raise ValueError(f"at most {MAX_TERMS} mean terms, got {len(terms)}")
     args = []
-    for t in list(terms) + [None] * (3 - len(terms)):
-        vec = lambda v: v.to(device=device, dtype=torch.float32).contiguous().reshape(-1)  # noqa: E731
+    dummy = _placeholder(device)
+    for t in list(terms) + [None] * (MAX_TERMS - len(terms)):
         if t is None:
             kind, u, v = TERM_NONE, None, None
         elif t.scalar is not None:
-            kind, u, v = TERM_SCALAR, vec(t.scalar), None
+            kind, u, v = TERM_SCALAR, _vec(t.scalar, device), None
         elif t.row is not None and t.col is not None:
-            kind, u, v = TERM_OUTER, vec(t.row), vec(t.col)
+            kind, u, v = TERM_OUTER, _vec(t.row, device), _vec(t.col, device)
         elif t.row is not None:
-            kind, u, v = TERM_ROW, vec(t.row), None
+            kind, u, v = TERM_ROW, _vec(t.row, device), None
         else:
-            kind, u, v = TERM_COL, None, vec(t.col)
-        dummy = torch.empty(1, dtype=torch.float32, device=device)
+            kind, u, v = TERM_COL, None, _vec(t.col, device)
         k = t.k if t is not None and t.k is not None else None
         args += [kind, u if u is not None else dummy, v if v is not None else dummy,
                  float(k) if k is not None else 1.0, k is not None]
     return args
 
 
-def scale_and_add_terms(out: torch.Tensor, scale: torch.Tensor, terms) -> torch.Tensor:
-    """In place on the FP32 product: out·scale + terms (qgemm's reference order), one pass."""
+def scale_and_add_terms(out: torch.Tensor, scale: torch.Tensor, terms,
+                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """out·scale + terms (qgemm's reference order) in one pass over the FP32 product, written
+    in place (FP32) or to a new tensor of `out_dtype` (at most 3 terms: qgemm's maximum)."""
     m, n = out.shape
+    bf16 = out_dtype == torch.bfloat16
+    dst = torch.empty(m, n, dtype=torch.bfloat16, device=out.device) if bf16 else out
     bm, bn = 32, 128
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _scale_terms_kernel[grid](out, scale.to(device=out.device, dtype=torch.float32).reshape(1), m, n,
-                              *_term_args(terms, out.device), BLOCK_M=bm, BLOCK_N=bn,
-                              enable_fp_fusion=False, **_LAUNCH)
-    return out
+    _scale_terms_kernel[grid](out, dst.view(torch.int16) if bf16 else dst,
+                              scale.to(device=out.device, dtype=torch.float32).reshape(1),
+                              m, n, *_term_args(terms, out.device), BLOCK_M=bm, BLOCK_N=bn,
+                              BF16_OUT=bf16, enable_fp_fusion=False, **_LAUNCH)
+    return dst if bf16 or out_dtype == torch.float32 else dst.to(out_dtype)
 
 
 def scaled_mm(a: QuantizedTensor, b: QuantizedTensor, scale: torch.Tensor, terms=(),

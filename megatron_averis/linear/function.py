@@ -105,7 +105,7 @@ class LinearContext:
 
 def _quantize(ctx: LinearContext, role: str, x: torch.Tensor, call: int, *, mean_dim: int | None,
               tokens_sharded: bool, features_sharded: bool, offset: tuple[int, int],
-              signs: torch.Tensor | None, mean=None, transposed: bool = False) -> QuantizedOperand:
+              signs: torch.Tensor | None, transposed: bool = False, **shared) -> QuantizedOperand:
     o = ctx.recipe.operand(role)
     if o.format == "bf16":
         return quantize_operand(x, "bf16", transposed=transposed)
@@ -116,23 +116,30 @@ def _quantize(ctx: LinearContext, role: str, x: torch.Tensor, call: int, *, mean
         rounding=o.rounding,
         mean_dim=mean_dim if o.mean_split else None,
         mean_format=o.mean_format,
-        signs=signs.to(x.device) if signs is not None else None,
+        signs=signs,  # CPU: the RHT matrix is cached per device (numerics.hadamard)
         sr_seed=ctx.seed(role, call),
         rng_offset=offset,
         reducer=ctx.comm.reducer(tokens_sharded, features_sharded),
         transposed=transposed,
-        mean=mean,
+        **shared,
     )
 
 
-def _shared_mean(ctx: LinearContext, first_role: str, second_role: str, op: QuantizedOperand):
-    """The stored μ of `op` if the second operand of the same tensor may reuse it."""
+def _shared_stats(ctx: LinearContext, first_role: str, second_role: str,
+                  op: QuantizedOperand) -> dict:
+    """What the second operand of a tensor may reuse from the first (`op`): its stored μ, and its
+    residual amax when both quantize the same residual (same μ or none, no rotation, NVFP4)."""
     a, b = ctx.recipe.operand(first_role), ctx.recipe.operand(second_role)
-    first_gemm = first_role.split("_")[0]
+    first_gemm, second_gemm = first_role.split("_")[0], second_role.split("_")[0]
+    shared = {}
     if (op.mean is not None and b.mean_split and a.mean_format == b.mean_format
             and not ctx.recipe.rht(first_gemm)):
-        return op.mean
-    return None
+        shared["mean"] = op.mean
+    same_residual = ("mean" in shared) or (not a.mean_split and not b.mean_split)
+    if (same_residual and op.amax is not None and b.format == "nvfp4"
+            and not ctx.recipe.rht(first_gemm) and not ctx.recipe.rht(second_gemm)):
+        shared["amax"] = op.amax
+    return shared
 
 
 def _weight_operands(ctx: LinearContext, weight: torch.Tensor, call: int):
@@ -148,7 +155,8 @@ def _weight_operands(ctx: LinearContext, weight: torch.Tensor, call: int):
     if r.shares_weight_quantization and "fprop" not in ctx.signs and "dgrad" not in ctx.signs:
         return w_f, w_f.t()
     w_d = _quantize(ctx, "dgrad_weight", weight.t(), call, offset=(col_off, row_off),
-                    signs=ctx.signs.get("dgrad"), transposed=True, **common)
+                    signs=ctx.signs.get("dgrad"), transposed=True, **common,
+                    **_shared_stats(ctx, "fprop_weight", "dgrad_weight", w_f))
     return w_f, w_d
 
 
@@ -176,16 +184,13 @@ class _QuantizedLinear(torch.autograd.Function):
         xq_w = _quantize(ctx, "wgrad_input", x2d.t(), call, mean_dim=1,
                          tokens_sharded=tokens_split, features_sharded=feat_split,
                          offset=(feat_off, tok_off), signs=ctx.signs.get("wgrad"),
-                         mean=_shared_mean(ctx, "fprop_input", "wgrad_input", xq), transposed=True)
+                         transposed=True, **_shared_stats(ctx, "fprop_input", "wgrad_input", xq))
         if tokens_split:
             xq = comm.gather_operand(xq, 0)
         w_f, w_d = _weight_operands(ctx, weight, call)
         ctx.observe(fprop_input=xq, fprop_weight=w_f)
 
-        y = qgemm(xq, w_f)
-        if bias is not None:
-            y = y + bias.float()
-        y = y.to(x.dtype)
+        y = qgemm(xq, w_f, bias=bias, out_dtype=x.dtype)
         if ctx.mode == "row" and comm.distributed:
             y = comm.reduce_scatter(y) if sp else comm.all_reduce(y)
 
@@ -225,7 +230,7 @@ class _QuantizedLinear(torch.autograd.Function):
         gq_w = _quantize(ctx, "wgrad_grad", g.t(), call, mean_dim=1, tokens_sharded=tokens_split,
                          features_sharded=feat_split, offset=(feat_off, tok_off),
                          signs=ctx.signs.get("wgrad"),
-                         mean=_shared_mean(ctx, "dgrad_grad", "wgrad_grad", gq), transposed=True)
+                         transposed=True, **_shared_stats(ctx, "dgrad_grad", "wgrad_grad", gq))
         if tokens_split:
             gq = comm.gather_operand(gq, 0)
             gq_w = comm.gather_operand(gq_w, 1)
@@ -233,7 +238,7 @@ class _QuantizedLinear(torch.autograd.Function):
             xq_w = comm.gather_operand(xq_w, 1)
         ctx.observe(dgrad_grad=gq, dgrad_weight=w_d, wgrad_grad=gq_w, wgrad_input=xq_w)
 
-        dx = qgemm(gq, w_d).to(grad_out.dtype)
+        dx = qgemm(gq, w_d, out_dtype=grad_out.dtype)
         if ctx.mode == "column" and comm.distributed:
             dx = comm.reduce_scatter(dx) if sp else comm.all_reduce(dx)
         dx = dx.view(autograd_ctx.x_shape)

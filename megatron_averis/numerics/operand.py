@@ -27,7 +27,7 @@ full tensor. This module never calls torch.distributed itself.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -72,7 +72,9 @@ class QuantizedOperand:
 
     Exactly one of `qt` (FP4 codes + block scales + tensor scale) and `bf16` (an unquantized
     operand) is set. `mean` is μ̂ in its storage format (FP32 / BF16 tensor or an NVFP4
-    QuantizedTensor of shape [1, n]); `signs` is the RHT sign vector when rotated.
+    QuantizedTensor of shape [1, n]); `signs` is the RHT sign vector when rotated. `amax` is the
+    (group-wide) amax of the quantized residual, kept so that the other operand of the same
+    tensor (fprop X and wgrad Xᵀ) can reuse it instead of reading the tensor again.
     """
 
     shape: tuple[int, int]
@@ -82,6 +84,9 @@ class QuantizedOperand:
     mean_dim: int | None = None
     signs: torch.Tensor | None = None
     transposed: bool = False
+    amax: torch.Tensor | None = None
+    # values() and mean_fp32() are read by several GEMM terms: computed once (launches, not math).
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def fmt(self) -> str:
@@ -89,7 +94,11 @@ class QuantizedOperand:
 
     def values(self) -> torch.Tensor:
         """The BF16 GEMM operand: FP4 code × block scale, exact in BF16 (tensor scale factored out)."""
-        return self.qt.scaled_values(torch.bfloat16) if self.qt is not None else self.bf16
+        if self.qt is None:
+            return self.bf16
+        if "values" not in self._cache:
+            self._cache["values"] = self.qt.scaled_values(torch.bfloat16)
+        return self._cache["values"]
 
     def scale(self) -> torch.Tensor:
         """FP32 factor applied to the GEMM result for this operand."""
@@ -100,7 +109,9 @@ class QuantizedOperand:
     def mean_fp32(self) -> torch.Tensor | None:
         if self.mean is None:
             return None
-        return _as_fp32(self.mean)
+        if "mean" not in self._cache:
+            self._cache["mean"] = _as_fp32(self.mean)
+        return self._cache["mean"]
 
     def dequantize(self, unrotate: bool = True) -> torch.Tensor:
         """The represented operand in FP64: R̂ plus the mean term, rotated back when `unrotate`."""
@@ -202,16 +213,20 @@ def token_mean(
     amax from it instead of reading x again."""
     rng = None
     if token_sum_order() == "torch":
-        sums = x.float().sum(dim=dim)
+        sums = x.sum(dim=dim, dtype=torch.float32)  # FP32 accumulation without an FP32 copy
     elif kernels.use_for(x):
         from megatron_averis.kernels import fp4
 
         sums, rng = fp4.token_stats(x, dim)
     else:
         sums = pairwise_sum(x, dim)
-    stats = torch.cat([sums, torch.full((1,), float(x.shape[dim]), device=x.device)])
-    stats = reducer.sum(stats)
-    mean = stats[:-1] / stats[-1]
+    if reducer is LOCAL:
+        # Divide by a device tensor as the distributed branch does: a Python-scalar divisor may
+        # become a multiplication by its reciprocal on CUDA (other bits, TP≠1 numerics).
+        mean = sums / sums.new_full((), float(x.shape[dim]))
+    else:
+        stats = reducer.sum(torch.cat([sums, sums.new_full((1,), float(x.shape[dim]))]))
+        mean = stats[:-1] / stats[-1]
     return (mean, rng) if with_range else mean
 
 
@@ -237,13 +252,16 @@ def quantize_operand(
     reducer: StatsReducer = LOCAL,
     transposed: bool = False,
     mean: torch.Tensor | QuantizedTensor | None = None,
+    amax: torch.Tensor | None = None,
 ) -> QuantizedOperand:
     """Build a GEMM operand from x [rows, K] (blocks along K).
 
     fmt: bf16 | nvfp4 | mxfp4. mean_dim: None (no split), 0 or 1 (see the module docstring).
     `rng_offset` is x's position inside the full (unsharded) operand. `mean` passes a stored
     mean computed for another operand of the same tensor (fprop's μ of X is wgrad's μ of Xᵀ when
-    neither is rotated along it), saving a reduction.
+    neither is rotated along it), saving a reduction. `amax` likewise passes the (group-wide)
+    NVFP4 residual amax of that operand: with the same mean and no rotation both operands
+    quantize the same residual, only transposed.
     """
     if x.dim() != 2:
         raise ValueError(f"a GEMM operand must be 2-D [rows, K], got shape {tuple(x.shape)}")
@@ -256,6 +274,8 @@ def quantize_operand(
 
     if mean is not None and (mean_dim is None or (mean_dim == 0 and signs is not None)):
         raise ValueError("a precomputed mean needs a mean split without rotation along the mean")
+    if amax is not None and (signs is not None or fmt != "nvfp4"):
+        raise ValueError("a precomputed amax applies only to unrotated NVFP4 operands")
     # The quantizers take the FP32 residual as (r, sub): r.float() - sub is computed inside them
     # (in registers by the GPU kernels), so R = X - μ̂ is never materialized.
     r, sub, rng = x, None, None
@@ -277,7 +297,8 @@ def quantize_operand(
         r = blockwise_rht(r.float(), signs)
 
     if fmt == "nvfp4":
-        amax = reducer.max(abs_max(r, sub) if rng is None else range_abs_max(rng, sub))
+        if amax is None:
+            amax = reducer.max(abs_max(r, sub) if rng is None else range_abs_max(rng, sub))
         qt = quantize_nvfp4(r, block, rounding, sr_seed, rng_offset, amax=amax, subtract=sub)
     elif fmt == "mxfp4":
         if block != (1, 32):
@@ -285,6 +306,5 @@ def quantize_operand(
         qt = quantize_mxfp4(r, rounding, sr_seed, rng_offset, subtract=sub)
     else:
         raise ValueError(f"unknown operand format {fmt!r}; use bf16, nvfp4 or mxfp4")
-    return QuantizedOperand(
-        tuple(x.shape), qt=qt, mean=mean, mean_dim=mean_dim, signs=signs, transposed=transposed
-    )
+    return QuantizedOperand(tuple(x.shape), qt=qt, mean=mean, mean_dim=mean_dim, signs=signs,
+                            transposed=transposed, amax=amax if fmt == "nvfp4" else None)

@@ -87,26 +87,30 @@ class MeanTerm:
         return self.row.view(-1, 1) if self.row is not None else self.col.view(1, -1)
 
 
-def _product_plus_terms(a: QuantizedOperand, b: QuantizedOperand, terms: list[MeanTerm]) -> torch.Tensor:
-    """(Â·B̂ᵀ)·(s_A·s_B) + Σ terms in FP32. On CUDA the scale and the terms are applied by one
-    kernel pass over the product (same FP32 operations, same order); with
-    MEGATRON_AVERIS_FP4_GEMM=fused a Triton GEMM reads the packed FP4 operands and applies them
-    in its epilogue."""
+def _product_plus_terms(a: QuantizedOperand, b: QuantizedOperand, terms: list[MeanTerm],
+                        out_dtype: torch.dtype, product=None) -> torch.Tensor:
+    """(Â·B̂ᵀ)·(s_A·s_B) + Σ terms in FP32, rounded once to `out_dtype`. On CUDA the scale, the
+    terms and the rounding are one kernel pass over the product (same FP32 operations, same
+    order); with MEGATRON_AVERIS_FP4_GEMM=fused a Triton GEMM reads the packed FP4 operands and
+    applies them in its epilogue. `product(a, b)`, when given, supplies the FP32 Â·B̂ᵀ instead
+    (Transformer Engine's native NVFP4 GEMM on Blackwell: megatron_averis.te.native)."""
     scale = a.scale() * b.scale()
-    if a.qt is not None and b.qt is not None and kernels.fused_gemm_enabled(a.qt.data):
+    if (product is None and a.qt is not None and b.qt is not None
+            and kernels.fused_gemm_enabled(a.qt.data)):
         from megatron_averis.kernels import fp4
 
-        if fp4.gemm_supported(a.qt, b.qt):
-            return fp4.scaled_mm(a.qt, b.qt, scale, terms)
-    out = mm_fp32(a.values(), b.values())
+        if fp4.gemm_supported(a.qt, b.qt) and len(terms) <= fp4.MAX_TERMS:
+            return fp4.scaled_mm(a.qt, b.qt, scale, terms).to(out_dtype)
+    out = mm_fp32(a.values(), b.values()) if product is None else product(a, b)
     if kernels.enabled(out):
         from megatron_averis.kernels import fp4
 
-        return fp4.scale_and_add_terms(out, scale, terms)
+        if len(terms) <= fp4.MAX_TERMS:
+            return fp4.scale_and_add_terms(out, scale, terms, out_dtype)
     out = out * scale
     for term in terms:
         out += term.dense()
-    return out
+    return out.to(out_dtype)
 
 
 def _rowwise_dot(op: QuantizedOperand, v: torch.Tensor) -> torch.Tensor:
@@ -114,38 +118,49 @@ def _rowwise_dot(op: QuantizedOperand, v: torch.Tensor) -> torch.Tensor:
     return (op.values().float() @ v) * op.scale()
 
 
-def qgemm(a: QuantizedOperand, b: QuantizedOperand) -> torch.Tensor:
-    """FP32 [M, N] = A·Bᵀ as the FP4 hardware computes it, with exact Averis rank-one terms."""
+def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = None,
+          out_dtype: torch.dtype = torch.float32, product=None) -> torch.Tensor:
+    """[M, N] = A·Bᵀ (+ bias along N) as the FP4 hardware computes it, with exact Averis
+    rank-one terms, in FP32 and then rounded once to `out_dtype`."""
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"reduction dimensions differ: A {a.shape}, B {b.shape}")
     if (a.signs is None) != (b.signs is None) or (
-        a.signs is not None and not torch.equal(a.signs.to(b.signs.device), b.signs)
+        a.signs is not None and a.signs is not b.signs
+        and not torch.equal(a.signs.cpu(), b.signs.cpu())
     ):
         raise ValueError("both operands of a GEMM must use the same Hadamard transform (or none)")
     ma, mb = a.mean_fp32(), b.mean_fp32()
     terms: list[MeanTerm] = []
+    bias_terms = [MeanTerm(col=bias.float())] if bias is not None else []  # added last
     if ma is None and mb is None:
-        return _product_plus_terms(a, b, terms)
+        return _product_plus_terms(a, b, bias_terms, out_dtype, product)
     k = a.shape[1]
-    e = ones_along_k(k, a.signs, ma.device if ma is not None else mb.device)
+    device = ma.device if ma is not None else mb.device
+    ones = {}
+
+    def e():  # Hᵀ·1, built only when a mean lies along the reduction dimension
+        if "e" not in ones:
+            ones["e"] = ones_along_k(k, a.signs, device)
+        return ones["e"]
+
     both_reduction = a.mean_dim == 1 and b.mean_dim == 1
     if mb is not None and not both_reduction:
         if b.mean_dim == 0:
             terms.append(MeanTerm(row=_rowwise_dot(a, mb)))
         else:
-            terms.append(MeanTerm(row=_rowwise_dot(a, e), col=mb))
+            terms.append(MeanTerm(row=_rowwise_dot(a, e()), col=mb))
     if ma is not None and not both_reduction:
         if a.mean_dim == 0:
             terms.append(MeanTerm(col=_rowwise_dot(b, ma)))
         else:
-            terms.append(MeanTerm(row=ma, col=_rowwise_dot(b, e)))
+            terms.append(MeanTerm(row=ma, col=_rowwise_dot(b, e())))
     if ma is not None and mb is not None:
         if a.mean_dim == 0 and b.mean_dim == 0:
             terms.append(MeanTerm(scalar=torch.dot(ma, mb)))
         elif a.mean_dim == 0:
-            terms.append(MeanTerm(col=torch.dot(ma, e) * mb))
+            terms.append(MeanTerm(col=torch.dot(ma, e()) * mb))
         elif b.mean_dim == 0:
-            terms.append(MeanTerm(row=torch.dot(e, mb) * ma))
+            terms.append(MeanTerm(row=torch.dot(e(), mb) * ma))
         else:
             terms.append(MeanTerm(row=ma, col=mb, k=k))
-    return _product_plus_terms(a, b, terms)
+    return _product_plus_terms(a, b, terms + bias_terms, out_dtype, product)

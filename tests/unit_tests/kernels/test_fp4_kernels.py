@@ -389,15 +389,19 @@ def _qgemm_operands(kdev, mean_a, mean_b, rht):
 
 @pytest.mark.parametrize("mean_a,mean_b", QGEMM_CASES)
 @pytest.mark.parametrize("rht", [False, True])
-def test_qgemm_epilogue_matches_reference(kdev, reference, mean_a, mean_b, rht):
-    """Scale and every kind of mean term applied by one kernel pass: bit-identical to qgemm's
-    reference `out * scale; out += term` sequence."""
+@pytest.mark.parametrize("with_bias,out_dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_qgemm_epilogue_matches_reference(kdev, reference, mean_a, mean_b, rht, with_bias,
+                                          out_dtype):
+    """Scale, every kind of mean term, the bias and the rounding to the output dtype applied by
+    one kernel pass: bit-identical to qgemm's reference `out * scale; out += term; .to()`."""
     from megatron_averis.numerics import qgemm
 
     qa, qb = _qgemm_operands(kdev, mean_a, mean_b, rht)
-    got = qgemm(qa, qb)
+    bias = _data(1, 96, 18, torch.bfloat16, kdev).view(96) if with_bias else None
+    got = qgemm(qa, qb, bias=bias, out_dtype=out_dtype)
     with reference():
-        want = qgemm(qa, qb)
+        want = qgemm(qa, qb, bias=bias, out_dtype=out_dtype)
+    assert got.dtype == want.dtype == out_dtype
     assert_same_tensor(got, want)
 
 
