@@ -107,6 +107,8 @@ class Checkpointer:
         self._check_compatible(common["config"], path)
         load_rng = not self.args.no_load_rng and common["parallel_layout"] == _layout()
         load_optim = not self.args.no_load_optim
+        if load_optim:
+            _materialize_optimizer_state(self.optimizer)
         state = self._sharded_state_dict(is_loading=True, optimizer=load_optim, rng=load_rng)
         loaded = dist_checkpointing.load(state, path)
         if len(self.model) == 1:
@@ -116,6 +118,7 @@ class Checkpointer:
                 m.load_state_dict(loaded[f"model{i}"])
         if load_optim:
             self.optimizer.load_state_dict(loaded["optimizer"])
+            _unshare_adam_steps(self.optimizer)
         self.scheduler.load_state_dict(loaded["scheduler"])
         if load_rng:
             rng_state.restore(loaded["rng_state"], self.model)
@@ -133,3 +136,35 @@ class Checkpointer:
             raise ValueError(f"checkpoint {path} was trained with a different model; "
                              "use the same --model-preset / architecture flags and tokenizer:\n  "
                              + "\n  ".join(diffs))
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer its state tensors before building the loading template.
+
+    megatron-core's DistributedOptimizer describes its state from the inner optimizer's state
+    (without Apex/TE it even reads the Adam step from it), which a torch optimizer creates only
+    in its first step. Create Adam's state as that step would (step 0, zero moments) without
+    touching any parameter; the checkpoint then overwrites every value."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.16's DistributedOptimizer, without Apex/TE, loads one `step` tensor into
+    every parameter's Adam state; torch's Adam then increments that shared tensor once per
+    parameter, so the bias correction is wrong from the second step after a resume. Give each
+    parameter its own copy (what a run that never stopped has)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
