@@ -528,15 +528,15 @@ def gemm_supported(a: QuantizedTensor, b: QuantizedTensor) -> bool:
             and a.shape[1] % GEMM_TILE["BLOCK_K"] == 0)
 
 
-_PLACEHOLDERS: dict = {}
+_UNREAD_POINTERS: dict = {}
 
 
-def _placeholder(device) -> torch.Tensor:
-    """A never-read pointer argument for absent terms (one per device, not one per launch)."""
+def _unread_pointer(device) -> torch.Tensor:
+    """The pointer argument of an absent term, which the kernel never reads (one per device)."""
     key = str(device)
-    if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = torch.empty(1, dtype=torch.float32, device=device)
-    return _PLACEHOLDERS[key]
+    if key not in _UNREAD_POINTERS:
+        _UNREAD_POINTERS[key] = torch.empty(1, dtype=torch.float32, device=device)
+    return _UNREAD_POINTERS[key]
 
 
 def _vec(v: torch.Tensor, device) -> torch.Tensor:
@@ -551,7 +551,7 @@ def _term_args(terms, device) -> list:
     if len(terms) > MAX_TERMS:
         raise ValueError(f"at most {MAX_TERMS} mean terms, got {len(terms)}")
     args = []
-    dummy = _placeholder(device)
+    unread = _unread_pointer(device)
     for t in list(terms) + [None] * (MAX_TERMS - len(terms)):
         if t is None:
             kind, u, v = TERM_NONE, None, None
@@ -564,7 +564,7 @@ def _term_args(terms, device) -> list:
         else:
             kind, u, v = TERM_COL, None, _vec(t.col, device)
         k = t.k if t is not None and t.k is not None else None
-        args += [kind, u if u is not None else dummy, v if v is not None else dummy,
+        args += [kind, u if u is not None else unread, v if v is not None else unread,
                  float(k) if k is not None else 1.0, k is not None]
     return args
 

@@ -147,8 +147,8 @@ def _materialize_optimizer_state(optimizer) -> None:
     touching any parameter; the checkpoint then overwrites every value."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        if inner is None or len(inner.state) > 0:
-            continue
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or len(inner.state) > 0:
+            continue  # the trainer builds Adam; other optimizers have other state
         for group in inner.param_groups:
             for p in group["params"]:
                 inner.state[p] = {
