@@ -4,7 +4,7 @@
 #   pretrain_args MODEL RECIPE   fills the array PRETRAIN_ARGS with the flags of
 #                                `python -m megatron_averis.pretrain`
 #
-# MODEL:  qwen3-0.6b | llama-1b | tiny
+# MODEL:  qwen3-0.6b | llama-1b | qwen3-9m | qwen3-25m | qwen3-38m | qwen3-75m | tiny
 # RECIPE: bf16 | nvfp4 | nvfp4-rht | averis | averis-rht | mxfp4, or fp32 (FP32 parameters,
 #         unquantized GEMMs: CPUs, where BF16 arithmetic is slow)
 #
@@ -26,8 +26,13 @@ model_defaults() {
     case "$1" in
         qwen3-0.6b) echo "2048 4 256 6e-4 6e-5 500 20000" ;;
         llama-1b)   echo "2048 2 256 4e-4 4e-5 500 20000" ;;
+        # Recipe comparison (docs/results.md): 256 x 1024 = 262,144 tokens per step,
+        # 573 steps = 150.2M tokens, about one epoch of the experiment corpus.
+        qwen3-9m|qwen3-25m|qwen3-38m) echo "1024 128 256 2e-3 2e-4 30 573" ;;
+        qwen3-75m)  echo "1024 64 256 2e-3 2e-4 30 573" ;;
         tiny)       echo "128 4 8 3e-3 3e-4 20 200" ;;
-        *) echo "unknown model '$1': choose qwen3-0.6b, llama-1b or tiny" >&2; return 2 ;;
+        *) echo "unknown model '$1': choose qwen3-0.6b, llama-1b, qwen3-9m, qwen3-25m, qwen3-38m, qwen3-75m or tiny" >&2
+           return 2 ;;
     esac
 }
 

@@ -39,6 +39,13 @@ class Preset:
     source: str  # where the numbers come from
 
 
+def _small(*, layers: int, hidden: int, ffn: int, heads: int, groups: int) -> ModelArch:
+    return ModelArch(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+                     num_attention_heads=heads, num_query_groups=groups, kv_channels=64,
+                     qk_layernorm=True, rotary_base=10_000.0, tie_embeddings=True,
+                     norm_epsilon=1e-6, max_position_embeddings=4096)
+
+
 PRESETS = {
     # Qwen3-0.6B's config.json: head_dim 128 is independent of hidden/heads (16 x 128 = 2048 != 1024).
     "qwen3-0.6b": Preset(
@@ -57,6 +64,17 @@ PRESETS = {
                   tie_embeddings=True, norm_epsilon=1e-5, max_position_embeddings=131072),
         "Llama-3.2-1B (config.json)",
     ),
+    # Small Qwen3-shaped models for recipe comparisons on one GPU (the recipe-comparison
+    # experiment, docs/results.md): QK-norm, GQA, SwiGLU, tied embeddings, head dim 64, RoPE
+    # θ 1e4 for their 1k context. The name gives the non-embedding parameters.
+    "qwen3-9m": Preset("qwen3-9m", _small(layers=6, hidden=384, ffn=1024, heads=6, groups=2),
+                       "recipe-comparison model"),
+    "qwen3-25m": Preset("qwen3-25m", _small(layers=8, hidden=512, ffn=1536, heads=8, groups=4),
+                        "recipe-comparison model"),
+    "qwen3-38m": Preset("qwen3-38m", _small(layers=12, hidden=512, ffn=1536, heads=8, groups=4),
+                        "recipe-comparison model"),
+    "qwen3-75m": Preset("qwen3-75m", _small(layers=12, hidden=768, ffn=2048, heads=12, groups=4),
+                        "recipe-comparison model"),
     # For tests and CPU runs: Qwen3-shaped, every GEMM dimension a multiple of 32 (MXFP4 blocks)
     # also when split over 2 tensor-parallel ranks.
     "tiny": Preset(
