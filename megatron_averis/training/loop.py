@@ -94,12 +94,7 @@ class Trainer:
         args.padded_vocab_size = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
 
-        self.config = transformer_config(args, device)
-        model = build_model(args, self.config, device)
-        self.local_parameters = count_local_parameters(model)
-        self.model = wrap_data_parallel(args, self.config, model)
-        self.optimizer = build_optimizer(args, self.config, self.model)
-        self.scheduler = build_scheduler(args, self.optimizer)
+        self._build_model_and_optimizer()
         self.config_dict = run_config(args, self.tokenizer)
         self.checkpointer = Checkpointer(args, self.model, self.optimizer, self.scheduler,
                                          self.config_dict)
@@ -131,6 +126,17 @@ class Trainer:
         if args.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self._report_setup()
+
+    def _build_model_and_optimizer(self) -> None:
+        """Model chunks wrapped in DDP, the optimizer and the LR schedule, from self.args (vocabulary
+        sizes set) on self.device. Also how benchmarks/model_step.py builds them."""
+        args, device = self.args, self.device
+        self.config = transformer_config(args, device)
+        model = build_model(args, self.config, device)
+        self.local_parameters = count_local_parameters(model)
+        self.model = wrap_data_parallel(args, self.config, model)
+        self.optimizer = build_optimizer(args, self.config, self.model)
+        self.scheduler = build_scheduler(args, self.optimizer)
 
     # -- set-up report ------------------------------------------------------------------
     def _report_setup(self) -> None:

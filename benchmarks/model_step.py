@@ -1,0 +1,470 @@
+"""Whole training step per model and recipe, in one process on one GPU (issue 6).
+
+    python3 benchmarks/model_step.py [--models qwen3-0.6b llama-1b] [--recipes bf16 nvfp4 ...]
+        [--micro-batch-size 4] [--seq-length 2048] [--vocab-size 32768] [--json PATH]
+
+Every (model, recipe) is built as the trainer builds it: its flags go through the trainer's parser
+and start-up validation (training/arguments.py), and the model, DDP wrapper, optimizer, LR
+schedule and train_step are the Trainer's own (training/loop.py). Only the data differs: one
+batch of random token ids (--seed), fed to every micro-batch of every step and recipe. The
+start-up checks want a tokenizer and a dataset on disk; they get an empty placeholder file and a
+one-document indexed dataset in a temporary directory, neither of which is ever read.
+
+What the table reports, per recipe:
+- step ms: median over the timed steps of one Trainer.train_step (zero the gradient buffers,
+  megatron-core's forward-backward schedule over all micro-batches, gradient finalization, the
+  optimizer step with gradient clipping, the LR step), wall clock between torch.cuda.synchronize()
+  calls, after --warmup-steps untimed steps (Triton compilation, cuBLAS heuristics, allocator).
+- tokens/s, TFLOP/s, MFU: the trainer's metrics.interval_stats on the median step, with the model
+  FLOPs of presets.training_flops_per_iteration (3 x matmul_flops_per_token per token, all recipes
+  on the same count) against --peak-tflops.
+- peak memory: torch.cuda.max_memory_allocated from building the model to the last step (the
+  counter is reset once the previous recipe is freed: model, optimizer, DDP buffers, caches).
+- activation memory: torch.cuda.memory_allocated right after the model's forward of a micro-batch
+  minus right before it, inside the schedule of the last warm-up step (the first timed step when
+  there is no warm-up), i.e. what the forward leaves alive for the backward: saved activations,
+  FP4 operands kept for dgrad/wgrad, the per-token losses. Without pipelining, megatron-core runs
+  each micro-batch's backward before the next forward, so this is the largest over micro-batches.
+  Memory fields are CUDA-only: None on CPU (torch does not count CPU allocations).
+
+--device cpu is a smoke mode for machines without CUDA: megatron-core runs on the CPU through
+training/cpu_compat.py and the FP4 linears use the PyTorch reference numerics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+import weakref
+
+# This checkout's package, whatever an installed (editable) megatron_averis points at: the
+# benchmark relies on Trainer._build_model_and_optimizer of the same tree.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+# By design there is no TE/apex (as in megatron_averis/pretrain.py); megatron-core warns per module.
+warnings.filterwarnings(
+    "ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+from megatron_averis.recipes import PRESETS as RECIPE_PRESETS  # noqa: E402
+from megatron_averis.training import distributed  # noqa: E402
+from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args  # noqa: E402
+from megatron_averis.training.cpu_compat import cpu_training  # noqa: E402
+from megatron_averis.training.loop import Trainer  # noqa: E402
+from megatron_averis.training.metrics import interval_stats, memory_gib, peak_tflops  # noqa: E402
+from megatron_averis.training.presets import PRESETS as MODEL_PRESETS  # noqa: E402
+from megatron_averis.training.presets import (padded_vocab_size, parameter_counts,  # noqa: E402
+                                              training_flops_per_iteration)
+from megatron_averis.training.rng_state import seed_everything  # noqa: E402
+
+DEFAULT_MODELS = ("qwen3-0.6b", "llama-1b")
+DEFAULT_RECIPES = ("bf16", "nvfp4", "nvfp4-rht", "averis", "averis-rht")
+H100_SXM_BF16_TFLOPS = 989.0  # dense, no sparsity (H200 SXM has the same tensor cores)
+
+
+def _log(message: str) -> None:
+    print(f"[model_step] {message}", file=sys.stderr, flush=True)
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)  # flushed: run_all.sh tees it into the report as it comes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _StepBench(Trainer):
+    """The Trainer's model, optimizer, schedule and train_step on a fixed synthetic batch.
+
+    Trainer.__init__ is not run: it loads a tokenizer and datasets and opens logs and checkpoints,
+    none of which a step needs. What it does before building is repeated here (parallel-state
+    queries, seeding); the build itself is Trainer._build_model_and_optimizer."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.world = torch.distributed.get_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        seed_everything(args.seed, parallel_state.get_pipeline_model_parallel_rank())
+        self._build_model_and_optimizer()
+        self.forward_backward = get_forward_backward_func()
+        self.activation_bytes: list[int] | None = None  # a list while measuring
+
+    def _forward_step(self, data_iterator, model):
+        if self.activation_bytes is None:
+            return super()._forward_step(data_iterator, model)
+        # The schedule calls this once per micro-batch; the backward comes after it returns.
+        before = torch.cuda.memory_allocated(self.device)
+        result = super()._forward_step(data_iterator, model)
+        self.activation_bytes.append(torch.cuda.memory_allocated(self.device) - before)
+        return result
+
+
+def synthetic_batch(micro_batch_size: int, seq_length: int, vocab_size: int, seed: int,
+                    device: torch.device) -> dict:
+    """One micro-batch in the layout of megatron-core's GPTDataset (what Trainer._forward_step
+    reads): random ids, labels = the next id, every token in the loss."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (micro_batch_size, seq_length + 1), generator=gen)
+    positions = torch.arange(seq_length, dtype=torch.long).expand(micro_batch_size, -1)
+    batch = {"tokens": ids[:, :-1], "labels": ids[:, 1:],
+             "loss_mask": torch.ones(micro_batch_size, seq_length, dtype=torch.float32),
+             "position_ids": positions}
+    return {k: v.contiguous().to(device) for k, v in batch.items()}
+
+
+def _placeholder_inputs(root: str) -> tuple[str, str]:
+    """(tokenizer path, dataset prefix) that satisfy the trainer's existence checks."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tokenizer = os.path.join(root, "placeholder-tokenizer.model")
+    open(tokenizer, "wb").close()
+    prefix = os.path.join(root, "placeholder")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    builder.add_document(np.zeros(1, dtype=np.int32), [1])
+    builder.finalize(prefix + ".idx")
+    return tokenizer, prefix
+
+
+def trainer_flags(model: str, recipe: str, opts, tokenizer: str, data_prefix: str) -> list[str]:
+    flags = ["--model-preset", model, "--seq-length", str(opts.seq_length),
+             "--micro-batch-size", str(opts.micro_batch_size),
+             "--global-batch-size", str(opts.global_batch_size),
+             "--train-iters", str(opts.warmup_steps + opts.steps), "--lr", "1e-4",
+             "--seed", str(opts.seed), "--tokenizer-model", tokenizer, "--data-path", data_prefix,
+             "--split", "1,0,0", "--eval-iters", "0", "--num-workers", "0"]
+    flags += ["--bf16"] if recipe == "bf16" else ["--fp4-recipe", recipe]
+    return flags + shlex.split(opts.trainer_args)  # last: they override the above
+
+
+def trainer_args(model: str, recipe: str, opts, tokenizer: str, data_prefix: str):
+    """The trainer's validated namespace, with the vocabulary sizes the Trainer would set from its
+    tokenizer."""
+    args = finalize_args(parse_args(trainer_flags(model, recipe, opts, tokenizer, data_prefix)), 1)
+    args.vocab_size = opts.vocab_size
+    args.padded_vocab_size = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by,
+                                               args.tensor_model_parallel_size)
+    return args
+
+
+def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch: dict,
+               peak: float | None) -> tuple[dict, weakref.ref]:
+    """Build, warm up, time; the record and a weak reference to the model (to check it is freed)."""
+    on_gpu = device.type == "cuda"
+    start = time.monotonic()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    bench = _StepBench(args, device)
+    model_ref = weakref.ref(bench.model[0])
+    data = itertools.repeat(batch)  # Trainer._forward_step takes next() per micro-batch
+    measure_at = max(opts.warmup_steps - 1, 0)
+    times, activation, skipped = [], None, 0
+    for i in range(opts.warmup_steps + opts.steps):
+        bench.activation_bytes = [] if on_gpu and i == measure_at else None
+        _sync(device)
+        t0 = time.perf_counter()
+        loss, grad_norm, _, updated = bench.train_step(data)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        if bench.activation_bytes is not None:
+            activation = max(bench.activation_bytes) / 2**30
+            bench.activation_bytes = None
+        if i >= opts.warmup_steps:
+            times.append(seconds)
+            skipped += 0 if updated else 1
+    median = statistics.median(times)
+    tokens = args.global_batch_size * args.seq_length
+    flops = training_flops_per_iteration(args.arch, args.padded_vocab_size, args.seq_length,
+                                         args.global_batch_size)
+    stats = interval_stats(iterations=1, seconds=median, tokens_per_iteration=tokens,
+                           flops_per_iteration=flops, world_size=1, peak=peak)
+    record = _record(model, recipe, args, opts, device) | {
+        "step_ms": 1e3 * median,
+        "step_ms_min": 1e3 * min(times),
+        "step_ms_max": 1e3 * max(times),
+        "tokens_per_second": stats["tokens_per_second"],
+        "tflops_per_gpu": stats["tflops_per_gpu"],
+        "mfu": stats["mfu"],
+        "peak_memory_gib": memory_gib(device)[0] if on_gpu else None,
+        "activation_memory_gib": activation,
+        "loss": (loss[0] / loss[1]).item(),  # of the last step; ~ln(vocab) at initialisation
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "skipped_steps": skipped,
+        "seconds_total": time.monotonic() - start,
+    }
+    return record, model_ref
+
+
+def _record(model: str, recipe: str, args, opts, device: torch.device) -> dict:
+    """The fields every record has, also a failed one."""
+    return {
+        "model": model, "recipe": recipe,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size,
+        "num_microbatches": args.num_microbatches, "seq_length": args.seq_length,
+        "vocab_size": args.vocab_size, "padded_vocab_size": args.padded_vocab_size,
+        "tokens_per_step": args.global_batch_size * args.seq_length,
+        "flops_per_step": training_flops_per_iteration(args.arch, args.padded_vocab_size,
+                                                       args.seq_length, args.global_batch_size),
+        "parameters": parameter_counts(args.arch, args.padded_vocab_size)["total"],
+        "warmup_steps": opts.warmup_steps, "timed_steps": opts.steps,
+        "peak_tflops": opts.peak_tflops, "trainer_args": opts.trainer_args,
+        "step_ms": None, "step_ms_min": None, "step_ms_max": None, "ratio_to_bf16": None,
+        "tokens_per_second": None, "tflops_per_gpu": None, "mfu": None, "peak_memory_gib": None,
+        "activation_memory_gib": None, "loss": None, "grad_norm": None, "skipped_steps": None,
+        "seconds_total": None, "error": None,
+    }
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()  # DDP hooks, config callbacks and optimizer make reference cycles with the model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- report ---------------------------------------------------------------------------------
+
+def _num(value, fmt: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def _ratio(by_recipe: dict, num: str, den: str) -> float | None:
+    a, b = by_recipe.get(num), by_recipe.get(den)
+    if a is None or b is None or a["step_ms"] is None or b["step_ms"] is None:
+        return None
+    return a["step_ms"] / b["step_ms"]
+
+
+# (model it applies to, or None for every model; text; kind; numerator, denominator; bound)
+TARGETS = (
+    ("qwen3-0.6b", "averis step ≤ 1.25x bf16", "ratio", "averis", "bf16", 1.25),
+    ("llama-1b", "averis step ≤ 1.15x bf16", "ratio", "averis", "bf16", 1.15),
+    (None, "averis step ≤ 1.02x nvfp4", "ratio", "averis", "nvfp4", 1.02),
+    ("llama-1b", "BF16 MFU ≥ 40%", "mfu", "bf16", None, 0.40),
+)
+
+
+def check_targets(model: str, by_recipe: dict) -> list[dict]:
+    """Issue 6's end-to-end targets that apply to this model, measured or not."""
+    results = []
+    for applies_to, text, kind, num, den, bound in TARGETS:
+        if applies_to not in (None, model):
+            continue
+        if kind == "ratio":
+            value = _ratio(by_recipe, num, den)
+            passed = None if value is None else value <= bound
+            margin = None if value is None else abs(value - bound)
+            shown = _num(value, ".3f", "x")  # 3 digits: the averis/nvfp4 bound is 1.02
+            by = _num(margin, ".3f", "x")
+        else:
+            rec = by_recipe.get(num)
+            value = rec["mfu"] if rec is not None else None
+            passed = None if value is None else value >= bound
+            margin = None if value is None else abs(value - bound)
+            shown = _num(None if value is None else 100 * value, ".1f", "%")
+            by = _num(None if margin is None else 100 * margin, ".1f", " points")
+        if passed is None:
+            verdict = f"not measured (needs {' and '.join(r for r in (num, den) if r)} to run)"
+        elif passed:
+            verdict = f"pass: {shown}, {by} to spare"
+        else:
+            verdict = f"MISSED: {shown}, by {by}"
+        results.append({"model": model, "target": text, "value": value, "bound": bound,
+                        "passed": passed, "text": verdict})
+    return results
+
+
+def print_model_report(model: str, records: list[dict]) -> None:
+    first = records[0]
+    _out(f"## {model}: {first['parameters'] / 1e6:,.1f}M parameters, "
+         f"{first['flops_per_step'] / 1e12:,.2f} model TFLOP per step")
+    _out()
+    _out("| recipe | step ms | ratio to bf16 | tokens/s | TFLOP/s | MFU | peak memory GiB "
+         "| activation memory GiB |")
+    _out("|---|---|---|---|---|---|---|---|")
+    for r in records:
+        if r["error"] is not None:
+            _out(f"| {r['recipe']} | failed: {r['error'].splitlines()[0][:80]} | | | | | | |")
+            continue
+        mfu = None if r["mfu"] is None else 100 * r["mfu"]
+        _out(f"| {r['recipe']} | {r['step_ms']:.1f} | {_num(r['ratio_to_bf16'], '.2f', 'x')} "
+             f"| {r['tokens_per_second']:,.0f} | {r['tflops_per_gpu']:.1f} | {_num(mfu, '.1f', '%')} "
+             f"| {_num(r['peak_memory_gib'], '.2f')} | {_num(r['activation_memory_gib'], '.2f')} |")
+    by_recipe = {r["recipe"]: r for r in records if r["error"] is None}
+    bf16 = by_recipe.get("bf16")
+    bf16_mfu = None if bf16 is None or bf16["mfu"] is None else 100 * bf16["mfu"]
+    _out()
+    _out(f"averis / nvfp4: {_num(_ratio(by_recipe, 'averis', 'nvfp4'), '.2f', 'x')} | "
+         f"nvfp4-rht / nvfp4: {_num(_ratio(by_recipe, 'nvfp4-rht', 'nvfp4'), '.2f', 'x')} | "
+         f"BF16 MFU: {_num(bf16_mfu, '.1f', '%')}")
+    _out()
+    _out("Targets (issue 6):")
+    for t in check_targets(model, by_recipe):
+        _out(f"- {t['target']}: {t['text']}")
+    _out()
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(MODEL_PRESETS),
+                   help="model presets (training/presets.py); 'tiny' for smoke tests")
+    p.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), choices=list(RECIPE_PRESETS),
+                   help="recipes, run in this order (ratios are to bf16)")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: the micro-batch (one micro-batch per step)")
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--vocab-size", type=int, default=32768,
+                   help="synthetic vocabulary (padded as the trainer pads a tokenizer's)")
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help=f"per-GPU peak for MFU (default {H100_SXM_BF16_TFLOPS:g}, H100/H200 SXM dense "
+                        "BF16; none on CPU)")
+    p.add_argument("--seed", type=int, default=1234, help="weights (as the trainer) and token ids")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when available; cpu only where CUDA is unavailable")
+    p.add_argument("--trainer-args", default="",
+                   help="more trainer flags for every run, e.g. "
+                        "--trainer-args='--recompute-granularity selective'")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the records (one per model x recipe) as a JSON list")
+    return p
+
+
+def _choose_device(opts) -> torch.device:
+    env = distributed.LaunchEnv.from_environ()
+    if env.world_size != 1:
+        raise SystemExit("model_step.py is one process on one device; run it without torchrun")
+    if opts.device == "cpu" and torch.cuda.is_available():
+        # cpu_compat's shims switch on only without CUDA, and megatron-core needs them on a CPU.
+        raise SystemExit("--device cpu needs CUDA to be unavailable: run with CUDA_VISIBLE_DEVICES=")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here (use --device cpu for a smoke run)")
+    return distributed.device_for(env)
+
+
+def _versions() -> str:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return f"torch {torch.__version__}, triton {triton_version}"
+
+
+def main(argv=None) -> int:
+    """0 when every (model, recipe) ran, 1 when some failed (they are reported and skipped), 2 on
+    a configuration error."""
+    opts = build_parser().parse_args(argv)
+    if opts.global_batch_size is None:
+        opts.global_batch_size = opts.micro_batch_size
+    if opts.steps < 1 or opts.warmup_steps < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup-steps >= 0")
+    device = _choose_device(opts)
+    if opts.peak_tflops is None and device.type == "cuda":
+        opts.peak_tflops = H100_SXM_BF16_TFLOPS
+        peak = opts.peak_tflops
+        # What the trainer's table of GPUs would use, so that a run on another GPU shows it.
+        peak_text = (f"{peak:g} TFLOP/s (default: H100/H200 SXM dense BF16; the trainer's table "
+                     f"says {peak_tflops(device, None)[1]})")
+    else:
+        peak, peak_text = peak_tflops(device, opts.peak_tflops)
+    if torch.distributed.is_initialized():
+        raise SystemExit("torch.distributed is already initialized; model_step.py sets up its own "
+                         "single-rank group")
+
+    with tempfile.TemporaryDirectory(prefix="model_step-") as tmp:
+        tokenizer, data_prefix = _placeholder_inputs(tmp)
+        # Every configuration through the trainer's validation before any device time is spent.
+        try:
+            all_args = {(m, r): trainer_args(m, r, opts, tokenizer, data_prefix)
+                        for m in opts.models for r in opts.recipes}
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+
+    first = next(iter(all_args.values()))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (PyTorch reference numerics)"
+    _out(f"# Training step per recipe: {name}, {_versions()}")
+    _out()
+    _out(f"micro-batch {first.micro_batch_size} x seq {first.seq_length}, global batch "
+         f"{first.global_batch_size} ({first.num_microbatches} micro-batch(es) per step), "
+         f"{first.global_batch_size * first.seq_length:,} tokens per step; vocabulary "
+         f"{opts.vocab_size} (padded {first.padded_vocab_size}), random token ids; "
+         f"{opts.warmup_steps} warm-up + {opts.steps} timed steps, median; MFU against {peak_text}"
+         + (f"; trainer flags {opts.trainer_args!r}" if opts.trainer_args else ""))
+    _out()
+
+    records: list[dict] = []
+    with cpu_training():
+        distributed.initialize(first, distributed.LaunchEnv.from_environ(), device)
+        try:
+            batch = synthetic_batch(opts.micro_batch_size, opts.seq_length, opts.vocab_size,
+                                    opts.seed, device)
+            for model in opts.models:
+                model_records = []
+                for recipe in opts.recipes:
+                    args = all_args[(model, recipe)]
+                    _log(f"{model} {recipe}: building and running {opts.warmup_steps} + "
+                         f"{opts.steps} steps")
+                    model_ref = None
+                    try:
+                        record, model_ref = run_recipe(model, recipe, args, opts, device, batch, peak)
+                    except Exception as e:  # e.g. out of memory: report it, go on with the rest
+                        traceback.print_exc()
+                        record = _record(model, recipe, args, opts, device)
+                        record["error"] = f"{type(e).__name__}: {e}"
+                        _log(f"{model} {recipe}: FAILED ({type(e).__name__})")
+                    _free(device)
+                    if model_ref is not None and model_ref() is not None:
+                        _log(f"warning: the {recipe} model is still referenced after freeing; the "
+                             "next recipes' peak memory includes it")
+                    if record["error"] is None:
+                        _log(f"{model} {recipe}: {record['step_ms']:.1f} ms/step (median of "
+                             f"{opts.steps}; {record['step_ms_min']:.1f}-{record['step_ms_max']:.1f}), "
+                             f"peak {_num(record['peak_memory_gib'], '.2f')} GiB, activations "
+                             f"{_num(record['activation_memory_gib'], '.2f')} GiB, loss "
+                             f"{record['loss']:.4f}, {record['seconds_total']:.1f} s")
+                    model_records.append(record)
+                base = next((r for r in model_records if r["recipe"] == "bf16" and r["error"] is None),
+                            None)
+                for r in model_records:
+                    if base is not None and r["error"] is None:
+                        r["ratio_to_bf16"] = r["step_ms"] / base["step_ms"]
+                print_model_report(model, model_records)
+                records += model_records
+            del batch
+            _free(device)
+        finally:
+            distributed.shutdown()
+
+    if opts.json:
+        with open(opts.json, "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=2)
+        _log(f"records written to {opts.json}")
+    return 1 if any(r["error"] is not None for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The whole performance benchmark of issue 6 on one GPU, into one report file:
+#   bash benchmarks/run_all.sh [REPORT]        (default REPORT: benchmarks-report.md)
+# 1. quant_kernels.py: kernel bandwidth against copy, per-GEMM ratios to BF16;
+# 2. linear_step.py: one linear's forward+backward per recipe, at the Qwen3-0.6B fc1 and Llama-1B
+#    fc1 shapes (docs/performance.md, Commands);
+# 3. model_step.py: the whole training step of qwen3-0.6b and llama-1b per recipe, with the targets.
+# Standard error goes into the report too, so a failure's traceback is kept with the figures.
+set -euo pipefail
+
+report=$(realpath -m "${1:-benchmarks-report.md}")  # relative to where it is run from
+cd "$(dirname "$0")/.."
+# This checkout, not whatever an installed megatron_averis points at.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
+versions=$(python3 - <<'PY'
+import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = "not installed"
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+print(f"{gpu}|torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton_version}")
+PY
+)
+gpu=${gpu:-${versions%%|*}}
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown")
+
+{
+    echo "# megatron-averis benchmarks: $(date -u '+%Y-%m-%d %H:%M UTC') | GPU: ${gpu} | ${versions#*|} | commit ${commit}"
+    echo
+    echo '## Kernels and GEMMs (benchmarks/quant_kernels.py)'
+    echo
+    python3 benchmarks/quant_kernels.py
+    echo
+    echo '## One linear, forward + backward (benchmarks/linear_step.py)'
+    echo
+    python3 benchmarks/linear_step.py --tokens 8192 --in 1024 --out 3072
+    echo
+    python3 benchmarks/linear_step.py --tokens 8192 --in 2048 --out 8192
+    echo
+    echo '## Whole training step (benchmarks/model_step.py)'
+    echo
+    python3 benchmarks/model_step.py --json "${report%.md}-model-step.json"
+} 2>&1 | tee "$report"

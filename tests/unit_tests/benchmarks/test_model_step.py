@@ -1,0 +1,102 @@
+"""benchmarks/model_step.py in its CPU smoke mode: the trainer's own build and step on the tiny
+preset, two recipes, one warm-up and one timed step; and the issue's targets as it judges them."""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from megatron_averis.training.presets import PRESETS, training_flops_per_iteration
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _model_step():
+    # benchmarks/ is scripts, not a package: load the file itself.
+    path = os.path.join(REPO_ROOT, "benchmarks", "model_step.py")
+    spec = importlib.util.spec_from_file_location("model_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def launch_env_restored(monkeypatch):
+    """distributed.initialize exports RANK, WORLD_SIZE, ... for its one process; unset them after."""
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(key, "")  # records the original state (unset) for teardown
+        monkeypatch.delenv(key)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--device cpu runs only where CUDA is unavailable")
+def test_tiny_preset_on_cpu(tmp_path, capsys, launch_env_restored):
+    out = tmp_path / "records.json"
+    rc = _model_step().main([
+        "--models", "tiny", "--recipes", "bf16", "averis", "--device", "cpu",
+        "--micro-batch-size", "2", "--seq-length", "64", "--vocab-size", "1000",
+        "--warmup-steps", "1", "--steps", "1", "--json", str(out)])
+    assert rc == 0
+    assert not torch.distributed.is_initialized()  # it tears down the group it made
+
+    records = json.loads(out.read_text())
+    assert [(r["model"], r["recipe"]) for r in records] == [("tiny", "bf16"), ("tiny", "averis")]
+    flops = training_flops_per_iteration(PRESETS["tiny"].arch, 1024, 64, 2)
+    for r in records:
+        assert r["error"] is None
+        # The trainer's derived sizes: vocabulary padded to 128, one micro-batch per step.
+        assert (r["padded_vocab_size"], r["global_batch_size"], r["num_microbatches"]) == (1024, 2, 1)
+        assert r["tokens_per_step"] == 128 and r["flops_per_step"] == flops
+        assert (r["warmup_steps"], r["timed_steps"], r["skipped_steps"]) == (1, 1, 0)
+        assert r["step_ms"] > 0 and r["step_ms_min"] == r["step_ms"] == r["step_ms_max"]
+        assert r["tokens_per_second"] == pytest.approx(128 / (r["step_ms"] / 1e3))
+        assert r["tflops_per_gpu"] == pytest.approx(flops / (r["step_ms"] / 1e3) / 1e12)
+        # Random labels on a freshly initialised model: loss ~ ln(vocabulary).
+        assert abs(r["loss"] - math.log(1024)) < 0.3
+        assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+        # No peak and no allocation counters on CPU: the fields exist and say so.
+        for key in ("mfu", "peak_memory_gib", "activation_memory_gib"):
+            assert key in r and r[key] is None
+    bf16, averis = records
+    assert bf16["ratio_to_bf16"] == 1.0
+    assert averis["ratio_to_bf16"] == pytest.approx(averis["step_ms"] / bf16["step_ms"])
+
+    stdout = capsys.readouterr().out
+    assert "## tiny:" in stdout
+    assert "| recipe | step ms | ratio to bf16 | tokens/s | TFLOP/s | MFU | peak memory GiB " \
+           "| activation memory GiB |" in stdout
+    assert f"| averis | {averis['step_ms']:.1f} | {averis['ratio_to_bf16']:.2f}x |" in stdout
+    assert "- averis step ≤ 1.02x nvfp4: not measured (needs averis and nvfp4 to run)" in stdout
+
+
+@pytest.mark.gpu
+def test_tiny_preset_on_gpu_reports_memory_and_mfu(tmp_path, launch_env_restored):
+    """A quick check of the CUDA-only fields before the full benchmark."""
+    out = tmp_path / "records.json"
+    rc = _model_step().main([
+        "--models", "tiny", "--recipes", "bf16", "averis", "--device", "cuda",
+        "--micro-batch-size", "2", "--seq-length", "64", "--vocab-size", "1000",
+        "--warmup-steps", "1", "--steps", "2", "--json", str(out)])
+    assert rc == 0
+    for r in json.loads(out.read_text()):
+        assert r["error"] is None and r["peak_tflops"] == 989.0
+        assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 989.0)
+        assert 0 < r["activation_memory_gib"] < r["peak_memory_gib"]
+
+
+def test_targets_pass_and_miss_by_how_much():
+    check = _model_step().check_targets
+    by_recipe = {"bf16": {"step_ms": 100.0, "mfu": 0.308}, "nvfp4": {"step_ms": 200.0, "mfu": 0.15},
+                 "averis": {"step_ms": 203.0, "mfu": 0.15}}
+    llama = {t["target"]: t for t in check("llama-1b", by_recipe)}
+    assert set(llama) == {"averis step ≤ 1.15x bf16", "averis step ≤ 1.02x nvfp4", "BF16 MFU ≥ 40%"}
+    assert not llama["averis step ≤ 1.15x bf16"]["passed"]
+    assert llama["averis step ≤ 1.15x bf16"]["text"] == "MISSED: 2.030x, by 0.880x"
+    assert llama["averis step ≤ 1.02x nvfp4"]["passed"]
+    assert llama["averis step ≤ 1.02x nvfp4"]["text"] == "pass: 1.015x, 0.005x to spare"
+    assert llama["BF16 MFU ≥ 40%"]["text"] == "MISSED: 30.8%, by 9.2 points"
+    qwen = {t["target"]: t for t in check("qwen3-0.6b", {"bf16": by_recipe["bf16"]})}
+    assert set(qwen) == {"averis step ≤ 1.25x bf16", "averis step ≤ 1.02x nvfp4"}
+    assert qwen["averis step ≤ 1.25x bf16"]["passed"] is None
