@@ -8,6 +8,7 @@ Directory layout and atomic commit: checkpoint_dirs.py.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -17,6 +18,7 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_averis.training import checkpoint_dirs, rng_state
 
@@ -117,8 +119,12 @@ class Checkpointer:
             for i, m in enumerate(self.model):
                 m.load_state_dict(loaded[f"model{i}"])
         if load_optim:
-            self.optimizer.load_state_dict(loaded["optimizer"])
-            _unshare_adam_steps(self.optimizer)
+            # Restoring state is no autograd operation (Module.load_state_dict does the same). It
+            # matters with FP32 parameters and the distributed optimizer, whose main parameters
+            # are views of the model's leaf parameters: copying into them with grad mode on fails.
+            with torch.no_grad(), _step_kept_where_not_loaded(self.optimizer):
+                self.optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_steps(self.optimizer)
         self.scheduler.load_state_dict(loaded["scheduler"])
         if load_rng:
             rng_state.restore(loaded["rng_state"], self.model)
@@ -144,7 +150,8 @@ def _materialize_optimizer_state(optimizer) -> None:
     megatron-core's DistributedOptimizer describes its state from the inner optimizer's state
     (without Apex/TE it even reads the Adam step from it), which a torch optimizer creates only
     in its first step. Create Adam's state as that step would (step 0, zero moments) without
-    touching any parameter; the checkpoint then overwrites every value."""
+    touching any parameter; the checkpoint then overwrites the moments and main parameters, and
+    _restore_adam_steps the step."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or len(inner.state) > 0:
@@ -158,13 +165,61 @@ def _materialize_optimizer_state(optimizer) -> None:
                 }
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron-core 0.16's DistributedOptimizer, without Apex/TE, loads one `step` tensor into
-    every parameter's Adam state; torch's Adam then increments that shared tensor once per
-    parameter, so the bias correction is wrong from the second step after a resume. Give each
-    parameter its own copy (what a run that never stopped has)."""
+@contextlib.contextmanager
+def _step_kept_where_not_loaded(optimizer):
+    """Let megatron-core 0.16's fully_reshardable format load into torch's Adam (no Apex/TE).
+
+    Its loader leaves `step` out of the tensors it hands to _set_main_param_and_optimizer_states
+    (the step is in the param groups), which copies every key of the live Adam state, `step`
+    included: KeyError. For the duration of the load, complete those tensors with the live step
+    (a copy onto itself); _restore_adam_steps then sets its value."""
+    patched = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for state in getattr(inner, "state", {}).values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
+        if not (isinstance(opt, DistributedOptimizer)
+                and isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW))):
+            continue  # Apex/TE Adam keeps no per-parameter step
+
+        def set_states(model_param, tensors, _opt=opt,
+                       _set=opt._set_main_param_and_optimizer_states):
+            if "step" not in tensors:
+                live = _opt._get_main_param_and_optimizer_states(model_param)
+                if "step" in live:
+                    tensors = {**tensors, "step": live["step"]}
+            _set(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states  # instance attribute: this load only
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter of a DistributedOptimizer its own Adam `step` holding the saved value.
+
+    Without Apex/TE, megatron-core 0.16's DistributedOptimizer saves torch Adam's per-parameter
+    step as one number in its param groups and restores it wrongly, twice over:
+      - load_state_dict puts one shared tensor holding the saved step into every parameter's
+        state; torch's Adam would then increment it once per parameter and step;
+      - the dp_reshardable parameter-state load that follows copies into that tensor the `step`
+        of the loading template, i.e. the value it held before the checkpoint was read (0 for a
+        fresh optimizer).
+    The first resumed step therefore computes the loss from the right weights but updates them
+    with the bias correction of step 1, and every later step diverges. The saved step survives in
+    the inner optimizer's param groups (torch's load_state_dict keeps the saved groups' keys), so
+    take it from there. With Apex/TE, Adam keeps its step in the param groups only: no-op."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue  # torch's own load_state_dict restores a per-parameter step exactly
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            if group.get("step") is None:
+                continue
+            for p in group["params"]:
+                state = inner.state.get(p)
+                if state is not None and isinstance(state.get("step"), torch.Tensor):
+                    old = state["step"]
+                    state["step"] = torch.tensor(float(group["step"]), dtype=old.dtype,
+                                                 device=old.device)
