@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234,
                    help="seeds weights, data order and every RNG stream")
     g.add_argument("--deterministic-mode", action="store_true",
-                   help="deterministic cuBLAS/NCCL and torch algorithms (warns on ops that have "
-                        "none); for bit-exact GPU reruns, e.g. checking a resume")
+                   help="deterministic cuBLAS/NCCL and torch algorithms (torch raises on an op that "
+                        "has none); for bit-exact GPU reruns, e.g. checking a resume")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,

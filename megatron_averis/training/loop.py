@@ -375,7 +375,9 @@ def main(argv=None) -> int:
         # Before CUDA and NCCL start: both read these once.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         os.environ.setdefault("NCCL_ALGO", "Ring")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Not warn-only: torch then keeps the non-deterministic attention backward (cuDNN /
+        # memory-efficient SDPA) that made two identical GPU runs drift apart within steps.
+        torch.use_deterministic_algorithms(True)
     start = time.monotonic()
     with cpu_training():
         distributed.initialize(args, env, device)

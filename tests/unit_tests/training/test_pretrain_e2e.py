@@ -117,7 +117,8 @@ def test_tensor_parallel_fp4_run_resumes_exactly(corpus, tmp_path):
 
 @pytest.mark.parametrize("variant,nproc", [
     # BF16 parameters with FP32 main copies, the gathered checkpoint format.
-    (["--fp4-recipe", "averis", "--dist-ckpt-optim-fully-reshardable"], 1),
+    # Also the path of --deterministic-mode (strict torch determinism must not raise on CPU).
+    (["--fp4-recipe", "averis", "--dist-ckpt-optim-fully-reshardable", "--deterministic-mode"], 1),
     # FP32 parameters (the main parameters are views of them), the default format, state sharded
     # over two data-parallel ranks.
     ([], 2),
