@@ -244,3 +244,20 @@ def test_cuda_model_matches_float64_reference(mcore_single_process):
     assert abs(loss.mean().item() - ref.mean().item()) < 0.05 * ref.mean().item()
     loss.mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_every_recipe_starts_from_the_same_weights(mcore_single_process):
+    """Recipe comparisons (docs/results.md) need one initialisation: building the model under any
+    recipe draws the same random numbers in the same order (RHT signs and SR seeds come from
+    their own generators), so the weights equal the BF16 model's bit for bit."""
+    weights = {}
+    for name in ("bf16", "nvfp4", "nvfp4-rht", "averis", "averis-rht"):
+        model = build(QWEN3, get_recipe(name))
+        weights[name] = {k: v.detach().clone() for k, v in model.state_dict().items()
+                         if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    ref = weights.pop("bf16")
+    assert ref
+    for name, w in weights.items():
+        assert w.keys() == ref.keys(), name
+        for k in ref:
+            assert torch.equal(w[k], ref[k]), (name, k)
