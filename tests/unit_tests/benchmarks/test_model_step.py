@@ -23,6 +23,16 @@ def _model_step():
     return module
 
 
+def _run_tiny(tmp_path, device: str, steps: int):
+    """model_step's main on the tiny preset, bf16 and averis; (exit code, JSON records)."""
+    out = tmp_path / "records.json"
+    rc = _model_step().main([
+        "--models", "tiny", "--recipes", "bf16", "averis", "--device", device,
+        "--micro-batch-size", "2", "--seq-length", "64", "--vocab-size", "1000",
+        "--warmup-steps", "1", "--steps", str(steps), "--json", str(out)])
+    return rc, (json.loads(out.read_text()) if out.exists() else None)
+
+
 @pytest.fixture
 def launch_env_restored(monkeypatch):
     """distributed.initialize exports RANK, WORLD_SIZE, ... for its one process; unset them after."""
@@ -33,15 +43,10 @@ def launch_env_restored(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--device cpu runs only where CUDA is unavailable")
 def test_tiny_preset_on_cpu(tmp_path, capsys, launch_env_restored):
-    out = tmp_path / "records.json"
-    rc = _model_step().main([
-        "--models", "tiny", "--recipes", "bf16", "averis", "--device", "cpu",
-        "--micro-batch-size", "2", "--seq-length", "64", "--vocab-size", "1000",
-        "--warmup-steps", "1", "--steps", "1", "--json", str(out)])
+    rc, records = _run_tiny(tmp_path, "cpu", steps=1)
     assert rc == 0
     assert not torch.distributed.is_initialized()  # it tears down the group it made
 
-    records = json.loads(out.read_text())
     assert [(r["model"], r["recipe"]) for r in records] == [("tiny", "bf16"), ("tiny", "averis")]
     flops = training_flops_per_iteration(PRESETS["tiny"].arch, 1024, 64, 2)
     for r in records:
@@ -74,13 +79,9 @@ def test_tiny_preset_on_cpu(tmp_path, capsys, launch_env_restored):
 @pytest.mark.gpu
 def test_tiny_preset_on_gpu_reports_memory_and_mfu(tmp_path, launch_env_restored):
     """A quick check of the CUDA-only fields before the full benchmark."""
-    out = tmp_path / "records.json"
-    rc = _model_step().main([
-        "--models", "tiny", "--recipes", "bf16", "averis", "--device", "cuda",
-        "--micro-batch-size", "2", "--seq-length", "64", "--vocab-size", "1000",
-        "--warmup-steps", "1", "--steps", "2", "--json", str(out)])
+    rc, records = _run_tiny(tmp_path, "cuda", steps=2)
     assert rc == 0
-    for r in json.loads(out.read_text()):
+    for r in records:
         assert r["error"] is None and r["peak_tflops"] == 989.0
         assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 989.0)
         assert 0 < r["activation_memory_gib"] < r["peak_memory_gib"]
