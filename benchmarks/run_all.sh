@@ -27,6 +27,8 @@ PY
 )
 gpu=${gpu:-${versions%%|*}}
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown")
+# A tree that differs from its commit (local edits, a copied working tree) says so.
+if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then commit="$commit + local changes"; fi
 
 {
     echo "# megatron-averis benchmarks: $(date -u '+%Y-%m-%d %H:%M UTC') | GPU: ${gpu} | ${versions#*|} | commit ${commit}"
