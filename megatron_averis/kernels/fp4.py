@@ -487,7 +487,9 @@ def _rht_arg(signs: torch.Tensor | None, C: int) -> tuple[bool, int]:
     if signs is None:
         return False, 0
     if signs.numel() != RHT_BLOCK:
-        raise ValueError(f"the fused Hadamard transform uses {RHT_BLOCK} signs, got {signs.numel()}")
+        raise ValueError(
+            f"the fused Hadamard transform uses {RHT_BLOCK} signs, got {signs.numel()}"
+        )
     if C % RHT_BLOCK:
         raise ValueError(
             f"the Hadamard transform needs the last dimension ({C}) divisible by {RHT_BLOCK}"
