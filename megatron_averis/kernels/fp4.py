@@ -19,7 +19,9 @@ the same roundings, so codes, scales and tensor scales are bit-identical to the 
 
 Operands are [R, C] views with arbitrary strides, blocks along C: a wgrad operand Xᵀ is quantized
 by reading X [T, K] with swapped strides, without a transposed copy. `sub` (FP32, [1, C] or [R, 1])
-is subtracted in registers: the Averis residual R = X - μ̂ is never materialized.
+is subtracted in registers: the Averis residual R = X - μ̂ is never materialized. The 16x16
+random Hadamard transform of (x - sub) is applied in registers too (RHT, NEG): sign flips, the
+fast Walsh-Hadamard butterfly and the 1/4 scale in hadamard.blockwise_rht's FP32 order.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import triton.language as tl
 
 from megatron_averis import kernels
 from megatron_averis.numerics.blockscale import MXFP4_BLOCK, QuantizedTensor
+from megatron_averis.numerics.hadamard import RHT_BLOCK
 from megatron_averis.numerics.random import _positions, fmix32
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -52,15 +55,42 @@ def _fmix32(h):
 
 
 @triton.jit
-def _load_operand(x_ptr, sx_r, sx_c, sub_ptr, r, c, R, C, SUB_DIM: tl.constexpr):
-    """FP32 x[r, c] - sub, and 0 outside the tensor (r, c: broadcastable int64 indices)."""
+def _load_operand(x_ptr, sx_r, sx_c, sub_ptr, r, c, R, C, SUB_DIM: tl.constexpr,
+                  RHT: tl.constexpr, NEG: tl.constexpr):
+    """FP32 x[r, c] - sub, and 0 outside the tensor (r, c: broadcastable int64 indices). With RHT
+    the sign flips of hadamard.blockwise_rht are applied too (NEG: bit j set where s_j = -1);
+    the caller runs the butterfly (_rht_butterfly) once the tile has its final shape."""
     mask = (r < R) & (c < C)
     x = tl.load(x_ptr + r * sx_r + c * sx_c, mask=mask, other=0.0).to(tl.float32)
     if SUB_DIM == 0:
         x = x - tl.load(sub_ptr + c, mask=c < C, other=0.0)
     elif SUB_DIM == 1:
         x = x - tl.load(sub_ptr + r, mask=r < R, other=0.0)
+    if RHT:
+        neg = (tl.full([], NEG, tl.int64) >> (c % 16)) & 1
+        x = x * tl.where(neg != 0, -1.0, 1.0)
     return tl.where(mask, x, 0.0)
+
+
+@triton.jit
+def _rht_butterfly(x, N: tl.constexpr):
+    """hadamard._butterfly on x viewed as [N, 16] (16-blocks of contiguous tile columns; C is a
+    multiple of 16, so a block is entirely inside or outside the tensor), then the exact 1/4: the
+    reference's FP32 operations in its order. Returns the [N, 16] result."""
+    v = tl.reshape(x, [N, 16])
+    v = _butterfly_stage(v, N, 1)
+    v = _butterfly_stage(v, N, 2)
+    v = _butterfly_stage(v, N, 4)
+    v = _butterfly_stage(v, N, 8)
+    return v * 0.25
+
+
+@triton.jit
+def _butterfly_stage(v, N: tl.constexpr, H: tl.constexpr):
+    """(a, b) -> (a + b, a - b) for the pairs (j, j + H) of each 16-block of v [N, 16]: index
+    j = g·2H + t·H + u, so the pair member t becomes the last (size-2) axis for split / join."""
+    a, b = tl.split(tl.permute(tl.reshape(v, [N, 8 // H, 2, H]), (0, 1, 3, 2)))
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [N, 16])
 
 
 @triton.jit
@@ -70,10 +100,14 @@ def _abs_bits(x):
 
 @triton.jit(do_not_specialize=["R", "C"])
 def _amax_kernel(x_ptr, sx_r, sx_c, sub_ptr, out_ptr, R, C,
-                 BR: tl.constexpr, BC: tl.constexpr, SUB_DIM: tl.constexpr):
+                 BR: tl.constexpr, BC: tl.constexpr, SUB_DIM: tl.constexpr,
+                 RHT: tl.constexpr, NEG: tl.constexpr):
     r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]
     c = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)[None, :]
-    bits = _abs_bits(_load_operand(x_ptr, sx_r, sx_c, sub_ptr, r, c, R, C, SUB_DIM))
+    x = _load_operand(x_ptr, sx_r, sx_c, sub_ptr, r, c, R, C, SUB_DIM, RHT, NEG)
+    if RHT:
+        x = _rht_butterfly(x, BR * BC // 16)
+    bits = _abs_bits(x)
     tl.atomic_max(out_ptr, tl.max(tl.max(bits, axis=1), axis=0))
 
 
@@ -143,7 +177,7 @@ def _quantize_kernel(
     R, C, key, off_r, off_c, ridx_ptr, cidx_ptr,
     BR: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
     MX: tl.constexpr, SR: tl.constexpr, SUB_DIM: tl.constexpr,
-    ROW_IDX: tl.constexpr, COL_IDX: tl.constexpr,
+    ROW_IDX: tl.constexpr, COL_IDX: tl.constexpr, RHT: tl.constexpr, NEG: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -151,7 +185,9 @@ def _quantize_kernel(
     blks = pid_c * NB + tl.arange(0, NB)
     r3 = rows.to(tl.int64)[:, None, None]
     c3 = (blks[:, None] * BK + tl.arange(0, BK)[None, :]).to(tl.int64)[None, :, :]
-    x = _load_operand(x_ptr, sx_r, sx_c, sub_ptr, r3, c3, R, C, SUB_DIM)  # [BR, NB, BK]
+    x = _load_operand(x_ptr, sx_r, sx_c, sub_ptr, r3, c3, R, C, SUB_DIM, RHT, NEG)  # [BR, NB, BK]
+    if RHT:
+        x = tl.reshape(_rht_butterfly(x, BR * NB * BK // 16), [BR, NB, BK])
 
     bmax = tl.max(_abs_bits(x), axis=2)  # [BR, NB]
     if BM > 1:
@@ -444,6 +480,23 @@ def _sub_arg(x: torch.Tensor, sub: torch.Tensor | None) -> tuple[torch.Tensor, i
     return sub.to(device=x.device, dtype=torch.float32).contiguous(), dim
 
 
+def _rht_arg(signs: torch.Tensor | None, C: int) -> tuple[bool, int]:
+    """(RHT, NEG) kernel arguments: the 16 signs as the bits of a compile-time constant (bit j set
+    where s_j = -1), so no sign tensor is copied to the device. Read signs from the CPU (as
+    random_signs makes them): GPU signs would synchronize here."""
+    if signs is None:
+        return False, 0
+    if signs.numel() != RHT_BLOCK:
+        raise ValueError(
+            f"the fused Hadamard transform uses {RHT_BLOCK} signs, got {signs.numel()}"
+        )
+    if C % RHT_BLOCK:
+        raise ValueError(
+            f"the Hadamard transform needs the last dimension ({C}) divisible by {RHT_BLOCK}"
+        )
+    return True, sum(1 << j for j, v in enumerate(signs.tolist()) if v < 0)
+
+
 def _offset_arg(where, n: int, device):
     """(offset, index tensor, from_tensor) for one entry of rng_offset: an int, or a tensor of
     global indices (validated and converted by random._positions, as the reference does)."""
@@ -458,29 +511,35 @@ def _int32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def amax(x: torch.Tensor, sub: torch.Tensor | None = None, tile=None) -> torch.Tensor:
+def amax(x: torch.Tensor, sub: torch.Tensor | None = None, tile=None,
+         signs: torch.Tensor | None = None) -> torch.Tensor:
     """max |x - sub| as an FP32 0-dim tensor (NaN if any element is NaN), like
-    (x.float() - sub).abs().amax()."""
+    (x.float() - sub).abs().amax(); with `signs`, of blockwise_rht(x.float() - sub, signs)."""
     R, C = x.shape
     sub_t, sub_dim = _sub_arg(x, sub)
+    rht, neg = _rht_arg(signs, C)
     out = torch.zeros(1, dtype=torch.int32, device=x.device)
-    br, bc, warps = _tile(R, C, x, 1, 1, tile)
+    br, bc, warps = _tile(R, C, x, RHT_BLOCK if rht else 1, 1, tile)
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     _amax_kernel[grid](x, x.stride(0), x.stride(1), sub_t, out, R, C,
-                       BR=br, BC=bc, SUB_DIM=sub_dim, num_warps=warps)
+                       BR=br, BC=bc, SUB_DIM=sub_dim, RHT=rht, NEG=neg,
+                       enable_fp_fusion=False, num_warps=warps)
     return out.view(torch.float32).view(())
 
 
 def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str, sr_seed: int | None,
              rng_offset: tuple[int, int], amax_t: torch.Tensor | None = None,
-             sub: torch.Tensor | None = None, tile=None) -> QuantizedTensor:
+             sub: torch.Tensor | None = None, tile=None,
+             signs: torch.Tensor | None = None) -> QuantizedTensor:
     """NVFP4 (1x16, 16x16) or MXFP4 (1x32) codes of x - sub along the last dimension; the caller
-    (blockscale) has validated the arguments. NVFP4 takes the tensor amax `amax_t` if given."""
+    (blockscale) has validated the arguments. NVFP4 takes the tensor amax `amax_t` if given.
+    With `signs`, of blockwise_rht(x.float() - sub, signs), rotated in registers."""
     R, C = x.shape
     bm, bk = block
     mx = fmt == "mxfp4"
     sr = rounding == "stochastic"
     sub_t, sub_dim = _sub_arg(x, sub)
+    rht, neg = _rht_arg(signs, C)
     data = torch.empty(R, C // 2, dtype=torch.uint8, device=x.device)
     tensor_scale = torch.empty((), dtype=torch.float32, device=x.device)
     if mx:
@@ -489,7 +548,7 @@ def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str, s
     else:
         scales = torch.empty(R // bm, C // bk, dtype=torch.float8_e4m3fn, device=x.device)
         if amax_t is None:
-            amax_t = amax(x, sub)
+            amax_t = amax(x, sub, signs=signs)
         amax_arg = amax_t.to(device=x.device, dtype=torch.float32).reshape(1)
     key = _int32(fmix32(int(sr_seed) & 0xFFFFFFFF)) if sr else 0
     off_r, ridx, row_idx = _offset_arg(rng_offset[0], R, x.device) if sr else (0, None, False)
@@ -500,7 +559,7 @@ def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str, s
         x, x.stride(0), x.stride(1), sub_t, amax_arg, data, scales.view(torch.uint8), tensor_scale,
         R, C, key, off_r, off_c, ridx if row_idx else data, cidx if col_idx else data,
         BR=br, NB=bc // bk, BK=bk, BM=bm, MX=mx, SR=sr, SUB_DIM=sub_dim,
-        ROW_IDX=row_idx, COL_IDX=col_idx,
+        ROW_IDX=row_idx, COL_IDX=col_idx, RHT=rht, NEG=neg,
         enable_fp_fusion=False, num_warps=warps,
     )
     return QuantizedTensor(data, scales, tensor_scale, fmt, tuple(block), (R, C))

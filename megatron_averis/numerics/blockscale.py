@@ -30,6 +30,7 @@ from megatron_averis.numerics.e2m1 import (
     pack_fp4,
     unpack_fp4,
 )
+from megatron_averis.numerics.hadamard import RHT_BLOCK, blockwise_rht
 from megatron_averis.numerics.random import position_uniform
 
 E4M3_MAX = 448.0
@@ -138,17 +139,26 @@ def _check_2d(x: torch.Tensor, block: tuple[int, int], what: str) -> None:
         )
 
 
-def _fp32(x: torch.Tensor, subtract: torch.Tensor | None) -> torch.Tensor:
-    return x.float() if subtract is None else x.float() - subtract
+def _fp32(x: torch.Tensor, subtract: torch.Tensor | None,
+          signs: torch.Tensor | None = None) -> torch.Tensor:
+    x32 = x.float() if subtract is None else x.float() - subtract
+    return x32 if signs is None else blockwise_rht(x32, signs)
 
 
-def abs_max(x: torch.Tensor, subtract: torch.Tensor | None = None) -> torch.Tensor:
-    """max |x - subtract| in FP32 as a 0-dim tensor (NaN if any element is NaN)."""
-    if kernels.use_for(x):
+def _use_kernel(x: torch.Tensor, signs: torch.Tensor | None) -> bool:
+    """The kernels fuse the 16-sign RHT only; other sizes (reference only) stay in PyTorch."""
+    return kernels.use_for(x) and (signs is None or signs.numel() == RHT_BLOCK)
+
+
+def abs_max(x: torch.Tensor, subtract: torch.Tensor | None = None,
+            signs: torch.Tensor | None = None) -> torch.Tensor:
+    """max |x - subtract| in FP32 as a 0-dim tensor (NaN if any element is NaN); with `signs`,
+    max |blockwise_rht(x - subtract, signs)|."""
+    if _use_kernel(x, signs):
         from megatron_averis.kernels import fp4
 
-        return fp4.amax(x, subtract)
-    return _fp32(x, subtract).abs().amax()
+        return fp4.amax(x, subtract, signs=signs)
+    return _fp32(x, subtract, signs).abs().amax()
 
 
 def block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -180,6 +190,7 @@ def quantize_nvfp4(
     rng_offset: tuple[int, int] = (0, 0),
     amax: torch.Tensor | None = None,
     subtract: torch.Tensor | None = None,
+    signs: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """NVFP4 along the last dimension with 1x16 or 16x16 blocks.
 
@@ -187,17 +198,19 @@ def quantize_nvfp4(
     shard gets the scale the whole tensor would have). `rng_offset` is this tensor's (row, col)
     position in the full tensor, so a shard draws the same stochastic-rounding bits as the whole.
     `subtract` ([1, cols] or [rows, 1], FP32): quantize x.float() - subtract (the Averis residual;
-    the GPU kernel subtracts in registers instead of materializing it).
+    the GPU kernel subtracts in registers instead of materializing it). `signs`: quantize
+    blockwise_rht(x.float() - subtract, signs) (the kernel rotates in registers, too).
     """
     if block not in ((1, NVFP4_BLOCK), (NVFP4_BLOCK, NVFP4_BLOCK)):
         raise ValueError(f"NVFP4 blocks are 1x16 or 16x16, got {block[0]}x{block[1]}")
     _check_2d(x, block, "NVFP4 quantization")
-    if kernels.use_for(x):
+    if _use_kernel(x, signs):
         from megatron_averis.kernels import fp4
 
         _check_rounding(rounding, sr_seed)
-        return fp4.quantize(x, "nvfp4", block, rounding, sr_seed, rng_offset, amax, subtract)
-    x32 = _fp32(x, subtract)
+        return fp4.quantize(x, "nvfp4", block, rounding, sr_seed, rng_offset, amax, subtract,
+                            signs=signs)
+    x32 = _fp32(x, subtract, signs)
     if amax is None:
         amax = x32.abs().amax()
     s_enc, s_dec = nvfp4_tensor_scales(amax)
@@ -219,21 +232,23 @@ def quantize_mxfp4(
     sr_seed: int | None = None,
     rng_offset: tuple[int, int] = (0, 0),
     subtract: torch.Tensor | None = None,
+    signs: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """MXFP4 along the last dimension: 1x32 blocks, shared scale 2^(floor(log2 amax) - 2) in E8M0.
 
     This is the OCP MX v1.0 rule (elements above 6 after scaling saturate). A block of zeros gets
     the smallest scale, 2^-127. Non-finite blocks decode to NaN (E8M0 code 0xFF). `subtract` as
-    in quantize_nvfp4.
+    and `signs` as in quantize_nvfp4.
     """
     block = (1, MXFP4_BLOCK)
     _check_2d(x, block, "MXFP4 quantization")
-    if kernels.use_for(x):
+    if _use_kernel(x, signs):
         from megatron_averis.kernels import fp4
 
         _check_rounding(rounding, sr_seed)
-        return fp4.quantize(x, "mxfp4", block, rounding, sr_seed, rng_offset, None, subtract)
-    x32 = _fp32(x, subtract)
+        return fp4.quantize(x, "mxfp4", block, rounding, sr_seed, rng_offset, None, subtract,
+                            signs=signs)
+    x32 = _fp32(x, subtract, signs)
     rows, cols = x.shape
     amax = block_amax(x32, block)
     # frexp gives amax = m·2^e with m in [0.5, 1): floor(log2 amax) = e - 1 exactly.

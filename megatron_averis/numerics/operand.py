@@ -17,7 +17,9 @@ in R and is quantized with it instead of being lost.
 
 Hadamard rotation (NVIDIA recipe). With signs, the operand is multiplied along K by a blockwise
 orthogonal H. For mean_dim=0 the stored μ̂ is the rotated mean; for mean_dim=1 R is rotated and
-the mean term becomes μ̂·eᵀ with e = Hᵀ·1, so both identities keep the same form.
+the mean term becomes μ̂·eᵀ with e = Hᵀ·1, so both identities keep the same form. With the GPU
+kernels the rotation of R (mean_dim=1, or no split) is fused into the quantization; for mean_dim=0
+the rotated operand is materialized, since its mean is taken over tokens first.
 
 Distribution. Column sums, token counts and the amax go through a `StatsReducer`, so tensor /
 sequence parallelism can all-reduce them and every shard quantizes with the statistics of the
@@ -40,7 +42,7 @@ from megatron_averis.numerics.blockscale import (
     quantize_mxfp4,
     quantize_nvfp4,
 )
-from megatron_averis.numerics.hadamard import blockwise_rht
+from megatron_averis.numerics.hadamard import RHT_BLOCK, blockwise_rht
 
 
 class StatsReducer(Protocol):
@@ -276,10 +278,13 @@ def quantize_operand(
         raise ValueError("a precomputed mean needs a mean split without rotation along the mean")
     if amax is not None and (signs is not None or fmt != "nvfp4"):
         raise ValueError("a precomputed amax applies only to unrotated NVFP4 operands")
-    # The quantizers take the FP32 residual as (r, sub): r.float() - sub is computed inside them
-    # (in registers by the GPU kernels), so R = X - μ̂ is never materialized.
-    r, sub, rng = x, None, None
+    # The quantizers take the FP32 residual as (r, sub, rot): blockwise_rht(r.float() - sub, rot)
+    # is computed inside them (in registers by the GPU kernels), so neither R = X - μ̂ nor its
+    # rotation is materialized. Without the kernels the rotation is applied here, once, instead.
+    r, sub, rng, rot = x, None, None, None
+    fused_rht = signs is not None and signs.numel() == RHT_BLOCK and kernels.use_for(x)
     if mean_dim == 0:
+        # μ is the mean of the rotated operand (token_mean reads it), so it is materialized.
         if signs is not None:
             r = blockwise_rht(r.float(), signs)
         if mean is None:
@@ -292,18 +297,25 @@ def quantize_operand(
             mean = _store_mean(m, mean_format)
         sub = _as_fp32(mean).view(-1, 1)
         if signs is not None:
-            r, sub, rng = blockwise_rht(r.float() - sub, signs), None, None
+            rng = None  # the range of x bounds x - μ̂, not its rotation
+            if fused_rht:
+                rot = signs
+            else:
+                r, sub = blockwise_rht(r.float() - sub, signs), None
+    elif fused_rht:
+        rot = signs
     elif signs is not None:
         r = blockwise_rht(r.float(), signs)
 
     if fmt == "nvfp4":
         if amax is None:
-            amax = reducer.max(abs_max(r, sub) if rng is None else range_abs_max(rng, sub))
-        qt = quantize_nvfp4(r, block, rounding, sr_seed, rng_offset, amax=amax, subtract=sub)
+            amax = reducer.max(abs_max(r, sub, rot) if rng is None else range_abs_max(rng, sub))
+        qt = quantize_nvfp4(r, block, rounding, sr_seed, rng_offset, amax=amax, subtract=sub,
+                            signs=rot)
     elif fmt == "mxfp4":
         if block != (1, 32):
             raise ValueError(f"MXFP4 uses 1x32 blocks, got {block[0]}x{block[1]}")
-        qt = quantize_mxfp4(r, rounding, sr_seed, rng_offset, subtract=sub)
+        qt = quantize_mxfp4(r, rounding, sr_seed, rng_offset, subtract=sub, signs=rot)
     else:
         raise ValueError(f"unknown operand format {fmt!r}; use bf16, nvfp4 or mxfp4")
     return QuantizedOperand(tuple(x.shape), qt=qt, mean=mean, mean_dim=mean_dim, signs=signs,

@@ -8,6 +8,7 @@ from megatron_averis import kernels
 from megatron_averis.linear import QuantizedLinear
 from megatron_averis.numerics import (
     QuantizedTensor,
+    blockwise_rht,
     quantize_mxfp4,
     quantize_nvfp4,
     quantize_operand,
@@ -275,6 +276,78 @@ def test_quantize_operand_matches_reference(kdev, reference, kernel_calls, monke
     assert len(red_got.sums) == len(red_want.sums) and len(red_got.maxes) == len(red_want.maxes)
     for a, b in zip(red_got.sums + red_got.maxes, red_want.sums + red_want.maxes):
         assert_same_tensor(a, b)
+
+
+RHT_FORMATS = [("nvfp4", (1, 16)), ("nvfp4", (16, 16)), ("mxfp4", (1, 32))]
+
+
+@pytest.mark.parametrize("fmt,block", RHT_FORMATS)
+@pytest.mark.parametrize("rounding", ["rne", "stochastic"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("sub_dim", [None, 0, 1])
+def test_fused_rht_matches_reference(kdev, reference, kernel_calls, fmt, block, rounding,
+                                     transposed, sub_dim):
+    """Quantizing blockwise_rht(x - sub) with the rotation in the kernel's registers: codes,
+    scales, tensor scale and amax equal the reference (which rotates first) bit for bit. 80 rows
+    leave a partial row tile; 96 columns a partial column tile of the transposed read."""
+    rows, cols = 80, 96
+    src = _data(cols, rows, 21, torch.bfloat16, kdev) if transposed else _data(rows, cols, 21,
+                                                                               torch.bfloat16, kdev)
+    x = src.t() if transposed else src
+    signs = random_signs(11)
+    g = torch.Generator().manual_seed(3)
+    sub = None if sub_dim is None else (
+        torch.randn(1, cols, generator=g) if sub_dim == 0 else torch.randn(rows, 1, generator=g)
+    ).to(kdev)
+    kw = dict(rounding=rounding, sr_seed=31, rng_offset=(16, 64), subtract=sub, signs=signs)
+    quantize = (lambda t, **k: quantize_nvfp4(t, block, **k)) if fmt == "nvfp4" else quantize_mxfp4
+    got = quantize(x, **kw)
+    got_amax = abs_max(x, sub, signs)
+    with reference():
+        want = quantize(x, **kw)
+        want_amax = abs_max(x, sub, signs)
+        # the reference's definition: quantize the rotated residual
+        rotated = blockwise_rht(x.float() if sub is None else x.float() - sub, signs)
+        assert_same_qt(want, quantize(rotated, **dict(kw, subtract=None, signs=None)))
+        assert_same_tensor(want_amax, rotated.abs().amax())
+    assert kernel_calls["quantize"] == 1 and kernel_calls["amax"] == (2 if fmt == "nvfp4" else 1)
+    assert_same_tensor(got_amax, want_amax)
+    assert_same_qt(got, want)
+
+
+@pytest.mark.parametrize("mean_dim", [None, 1])
+def test_quantize_operand_fuses_rht(kdev, reference, monkeypatch, mean_dim):
+    """With the kernels, the wgrad operand's rotation (and an unsplit one's) is not materialized:
+    blockwise_rht never runs, and the result equals the reference's."""
+    from megatron_averis.numerics import blockscale, operand
+
+    x = _data(96, 64, 22, torch.bfloat16, kdev)
+    kw = dict(mean_dim=mean_dim, signs=random_signs(4), rounding="stochastic", sr_seed=8,
+              transposed=True)
+    with reference():
+        want = quantize_operand(x.t(), "nvfp4", **kw)
+    calls = []
+
+    def no_rotation(*a, **k):
+        calls.append(1)
+        raise AssertionError("the rotated operand was materialized")
+
+    monkeypatch.setattr(operand, "blockwise_rht", no_rotation)
+    monkeypatch.setattr(blockscale, "blockwise_rht", no_rotation)
+    got = quantize_operand(x.t(), "nvfp4", **kw)
+    assert not calls
+    assert_same_operand(got, want)
+    assert_same_tensor(got.amax, want.amax)
+
+
+def test_fused_rht_argument_errors(kdev):
+    from megatron_averis.kernels import fp4
+
+    x = _data(16, 48, 23, torch.float32, kdev)
+    with pytest.raises(ValueError, match="16 signs"):
+        fp4.amax(x, signs=torch.ones(8))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        fp4.amax(x[:, :40], signs=random_signs(1))
 
 
 def test_quantize_operand_with_shared_mean(kdev, reference):

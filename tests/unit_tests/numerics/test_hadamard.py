@@ -4,6 +4,7 @@ import torch
 
 from fp4_reference import hadamard16, rht
 from megatron_averis.numerics import blockwise_rht, hadamard_matrix, random_signs
+from megatron_averis.numerics.hadamard import rht_matrix
 
 
 def test_sylvester_matrix_matches_definition():
@@ -32,3 +33,35 @@ def test_gemm_invariance(device):
     np.testing.assert_allclose(got.cpu().numpy(), (a.double() @ b.double().t()).numpy(), atol=1e-4)
     with pytest.raises(ValueError, match="divisible by 16"):
         blockwise_rht(torch.randn(2, 20), signs)
+
+
+@pytest.mark.parametrize("seed", [0, 42])
+def test_butterfly_is_the_sylvester_matrix_product(device, seed):
+    """The butterfly order computes x·diag(s)·Had16/4: exact in FP64 on integer data (every partial
+    sum is representable), forward and inverse."""
+    signs = random_signs(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2**20, 2**20, (24, 64), generator=g).double()
+    h = signs.double().view(16, 1) * hadamard_matrix(16, torch.float64) / 4
+    want = (x.view(-1, 16) @ h).view(x.shape)
+    got = blockwise_rht(x.to(device), signs)
+    assert got.dtype == torch.float64 and torch.equal(got.cpu(), want)
+    back = blockwise_rht(x.to(device), signs, inverse=True)
+    assert torch.equal(back.cpu(), (x.view(-1, 16) @ h.t()).view(x.shape))
+    assert torch.equal(blockwise_rht(got, signs, inverse=True).cpu(), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_butterfly_matches_the_fp32_matrix_within_rounding(device, dtype):
+    """FP32 (BF16 input: FP32) result against x @ rht_matrix: only the summation order differs, so
+    both are within a few ulps of the sum's magnitude of the FP64 value."""
+    signs = random_signs(7)
+    x = torch.randn(33, 96).to(dtype)
+    got = blockwise_rht(x.to(device), signs)
+    assert got.dtype == torch.float32
+    mat = (x.float().view(-1, 16) @ rht_matrix(signs)).view(x.shape)
+    exact = (x.double().view(-1, 16) @ rht_matrix(signs).double()).view(x.shape)
+    bound = 4 * torch.finfo(torch.float32).eps * (x.double().abs().view(-1, 16).sum(1) / 4)
+    bound = bound.repeat_interleave(16).view(x.shape)
+    assert ((got.cpu().double() - exact).abs() <= bound).all()
+    assert ((mat.double() - exact).abs() <= bound).all()
