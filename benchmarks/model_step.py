@@ -7,7 +7,7 @@ Every (model, recipe) is built as the trainer builds it: its flags go through th
 and start-up validation (training/arguments.py), and the model, DDP wrapper, optimizer, LR
 schedule and train_step are the Trainer's own (training/loop.py). Only the data differs: one
 batch of random token ids (--seed), fed to every micro-batch of every step and recipe. The
-start-up checks want a tokenizer and a dataset on disk; they get an empty placeholder file and a
+start-up checks want a tokenizer and a dataset on disk; they get an empty tokenizer file and a
 one-document indexed dataset in a temporary directory, neither of which is ever read.
 
 What the table reports, per recipe:
@@ -131,13 +131,14 @@ def synthetic_batch(micro_batch_size: int, seq_length: int, vocab_size: int, see
     return {k: v.contiguous().to(device) for k, v in batch.items()}
 
 
-def _placeholder_inputs(root: str) -> tuple[str, str]:
-    """(tokenizer path, dataset prefix) that satisfy the trainer's existence checks."""
+def _unread_data_files(root: str) -> tuple[str, str]:
+    """(tokenizer path, dataset prefix) that exist for the trainer's start-up checks; the
+    benchmark feeds random token ids and never reads them."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    tokenizer = os.path.join(root, "placeholder-tokenizer.model")
+    tokenizer = os.path.join(root, "unread-tokenizer.model")
     open(tokenizer, "wb").close()
-    prefix = os.path.join(root, "placeholder")
+    prefix = os.path.join(root, "unread-data")
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
     builder.add_document(np.zeros(1, dtype=np.int32), [1])
     builder.finalize(prefix + ".idx")
@@ -395,7 +396,7 @@ def main(argv=None) -> int:
                          "single-rank group")
 
     with tempfile.TemporaryDirectory(prefix="model_step-") as tmp:
-        tokenizer, data_prefix = _placeholder_inputs(tmp)
+        tokenizer, data_prefix = _unread_data_files(tmp)
         # Every configuration through the trainer's validation before any device time is spent.
         try:
             all_args = {(m, r): trainer_args(m, r, opts, tokenizer, data_prefix)

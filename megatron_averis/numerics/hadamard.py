@@ -33,23 +33,6 @@ def random_signs(seed: int, n: int = RHT_BLOCK) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
 
 
-_RHT_MATRICES: dict = {}
-
-
-def rht_matrix(signs: torch.Tensor, device=None) -> torch.Tensor:
-    """diag(signs)·Had/√n as FP32 on `device` (default: the signs' device). Built once per (signs,
-    device) and cached: the training loop applies it every step. Keep `signs` on the CPU (as
-    random_signs makes them): reading GPU signs for the cache key would synchronize."""
-    device = torch.device(device) if device is not None else signs.device
-    key = (tuple(signs.tolist()), str(device))
-    h = _RHT_MATRICES.get(key)
-    if h is None:
-        n = signs.numel()
-        h = (signs.float().cpu().reshape(n, 1) * hadamard_matrix(n) / n**0.5).to(device)
-        _RHT_MATRICES[key] = h
-    return h
-
-
 def _butterfly(x: torch.Tensor, n: int) -> torch.Tensor:
     """x·Had_n per n-block of the last dimension (Sylvester order) by the fast Walsh-Hadamard
     transform: stages h = 1, 2, 4, ..., n/2 map each pair (i, i+h) of a block to (a+b, a-b)."""
