@@ -22,10 +22,15 @@ What the table reports, per recipe:
   counter is reset once the previous recipe is freed: model, optimizer, DDP buffers, caches).
 - activation memory: torch.cuda.memory_allocated right after the model's forward of a micro-batch
   minus right before it, inside the schedule of the last warm-up step (the first timed step when
-  there is no warm-up), i.e. what the forward leaves alive for the backward: saved activations,
+  there is no warm-up; the first step in graph mode, the last eager one before the capture is the
+  capture itself), i.e. what the forward leaves alive for the backward: saved activations,
   FP4 operands kept for dgrad/wgrad, the per-token losses. Without pipelining, megatron-core runs
   each micro-batch's backward before the next forward, so this is the largest over micro-batches.
   Memory fields are CUDA-only: None on CPU (torch does not count CPU allocations).
+
+Modes (--modes): eager, and graph = the trainer's --cuda-graph-impl local (training/cuda_graph.py:
+the forward-backward schedule captured once as a CUDA graph and replayed; the graph is captured at
+the last warm-up step, so every timed step is a replay). Ratios compare recipes in the same mode.
 
 --device cpu is a smoke mode for machines without CUDA: megatron-core runs on the CPU through
 training/cpu_compat.py and the FP4 linears use the PyTorch reference numerics.
@@ -60,12 +65,12 @@ warnings.filterwarnings(
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
 from megatron_averis.recipes import PRESETS as RECIPE_PRESETS  # noqa: E402
 from megatron_averis.training import distributed  # noqa: E402
 from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args  # noqa: E402
 from megatron_averis.training.cpu_compat import cpu_training  # noqa: E402
+from megatron_averis.training.cuda_graph import side_stream  # noqa: E402
 from megatron_averis.training.loop import Trainer  # noqa: E402
 from megatron_averis.training.metrics import interval_stats, memory_gib, peak_tflops  # noqa: E402
 from megatron_averis.training.presets import PRESETS as MODEL_PRESETS  # noqa: E402
@@ -75,6 +80,7 @@ from megatron_averis.training.rng_state import seed_everything  # noqa: E402
 
 DEFAULT_MODELS = ("qwen3-0.6b", "llama-1b")
 DEFAULT_RECIPES = ("bf16", "nvfp4", "nvfp4-rht", "averis", "averis-rht")
+MODES = ("eager", "graph")
 H100_SXM_BF16_TFLOPS = 989.0  # dense, no sparsity (H200 SXM has the same tensor cores)
 
 
@@ -104,8 +110,9 @@ class _StepBench(Trainer):
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         seed_everything(args.seed, parallel_state.get_pipeline_model_parallel_rank())
+        self.iteration = 0
         self._build_model_and_optimizer()
-        self.forward_backward = get_forward_backward_func()
+        self._build_schedules()
         self.activation_bytes: list[int] | None = None  # a list while measuring
 
     def _forward_step(self, data_iterator, model):
@@ -145,7 +152,8 @@ def _unread_data_files(root: str) -> tuple[str, str]:
     return tokenizer, prefix
 
 
-def trainer_flags(model: str, recipe: str, opts, tokenizer: str, data_prefix: str) -> list[str]:
+def trainer_flags(model: str, recipe: str, opts, tokenizer: str, data_prefix: str,
+                  mode: str = "eager") -> list[str]:
     flags = ["--model-preset", model, "--seq-length", str(opts.seq_length),
              "--micro-batch-size", str(opts.micro_batch_size),
              "--global-batch-size", str(opts.global_batch_size),
@@ -153,13 +161,18 @@ def trainer_flags(model: str, recipe: str, opts, tokenizer: str, data_prefix: st
              "--seed", str(opts.seed), "--tokenizer-model", tokenizer, "--data-path", data_prefix,
              "--split", "1,0,0", "--eval-iters", "0", "--num-workers", "0"]
     flags += ["--bf16"] if recipe == "bf16" else ["--fp4-recipe", recipe]
+    if mode == "graph":  # captured at the last warm-up step: every timed step is a replay
+        flags += ["--cuda-graph-impl", "local",
+                  "--cuda-graph-warmup-steps", str(max(opts.warmup_steps - 1, 1))]
     return flags + shlex.split(opts.trainer_args)  # last: they override the above
 
 
-def trainer_args(model: str, recipe: str, opts, tokenizer: str, data_prefix: str):
+def trainer_args(model: str, recipe: str, opts, tokenizer: str, data_prefix: str,
+                 mode: str = "eager"):
     """The trainer's validated namespace, with the vocabulary sizes the Trainer would set from its
     tokenizer."""
-    args = finalize_args(parse_args(trainer_flags(model, recipe, opts, tokenizer, data_prefix)), 1)
+    args = finalize_args(parse_args(trainer_flags(model, recipe, opts, tokenizer, data_prefix, mode)),
+                         1)
     args.vocab_size = opts.vocab_size
     args.padded_vocab_size = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by,
                                                args.tensor_model_parallel_size)
@@ -167,16 +180,22 @@ def trainer_args(model: str, recipe: str, opts, tokenizer: str, data_prefix: str
 
 
 def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch: dict,
-               peak: float | None) -> tuple[dict, weakref.ref]:
+               peak: float | None, mode: str = "eager") -> tuple[dict, weakref.ref]:
     """Build, warm up, time; the record and a weak reference to the model (to check it is freed)."""
     on_gpu = device.type == "cuda"
     start = time.monotonic()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
+    with side_stream(mode == "graph", device):  # where the trainer runs a graphed model
+        return _time_steps(model, recipe, args, opts, device, batch, peak, mode, start)
+
+
+def _time_steps(model, recipe, args, opts, device, batch, peak, mode, start):
+    on_gpu = device.type == "cuda"
     bench = _StepBench(args, device)
     model_ref = weakref.ref(bench.model[0])
     data = itertools.repeat(batch)  # Trainer._forward_step takes next() per micro-batch
-    measure_at = max(opts.warmup_steps - 1, 0)
+    measure_at = 0 if mode == "graph" else max(opts.warmup_steps - 1, 0)
     times, activation, skipped = [], None, 0
     for i in range(opts.warmup_steps + opts.steps):
         bench.activation_bytes = [] if on_gpu and i == measure_at else None
@@ -185,6 +204,7 @@ def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch:
         loss, grad_norm, _, updated = bench.train_step(data)
         _sync(device)
         seconds = time.perf_counter() - t0
+        bench.iteration += 1
         if bench.activation_bytes is not None:
             activation = max(bench.activation_bytes) / 2**30
             bench.activation_bytes = None
@@ -197,7 +217,7 @@ def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch:
                                          args.global_batch_size)
     stats = interval_stats(iterations=1, seconds=median, tokens_per_iteration=tokens,
                            flops_per_iteration=flops, world_size=1, peak=peak)
-    record = _record(model, recipe, args, opts, device) | {
+    record = _record(model, recipe, args, opts, device, mode) | {
         "step_ms": 1e3 * median,
         "step_ms_min": 1e3 * min(times),
         "step_ms_max": 1e3 * max(times),
@@ -214,10 +234,10 @@ def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch:
     return record, model_ref
 
 
-def _record(model: str, recipe: str, args, opts, device: torch.device) -> dict:
+def _record(model: str, recipe: str, args, opts, device: torch.device, mode: str) -> dict:
     """The fields every record has, also a failed one."""
     return {
-        "model": model, "recipe": recipe,
+        "model": model, "recipe": recipe, "mode": mode,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size,
         "num_microbatches": args.num_microbatches, "seq_length": args.seq_length,
@@ -298,29 +318,43 @@ def print_model_report(model: str, records: list[dict]) -> None:
     _out(f"## {model}: {first['parameters'] / 1e6:,.1f}M parameters, "
          f"{first['flops_per_step'] / 1e12:,.2f} model TFLOP per step")
     _out()
-    _out("| recipe | step ms | ratio to bf16 | tokens/s | TFLOP/s | MFU | peak memory GiB "
+    _out("| recipe | mode | step ms | ratio to bf16 | tokens/s | TFLOP/s | MFU | peak memory GiB "
          "| activation memory GiB |")
-    _out("|---|---|---|---|---|---|---|---|")
+    _out("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         if r["error"] is not None:
-            _out(f"| {r['recipe']} | failed: {r['error'].splitlines()[0][:80]} | | | | | | |")
+            _out(f"| {r['recipe']} | {r['mode']} | failed: {r['error'].splitlines()[0][:80]} "
+                 "| | | | | | |")
             continue
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
-        _out(f"| {r['recipe']} | {r['step_ms']:.1f} | {_num(r['ratio_to_bf16'], '.2f', 'x')} "
-             f"| {r['tokens_per_second']:,.0f} | {r['tflops_per_gpu']:.1f} | {_num(mfu, '.1f', '%')} "
+        _out(f"| {r['recipe']} | {r['mode']} | {r['step_ms']:.1f} "
+             f"| {_num(r['ratio_to_bf16'], '.2f', 'x')} | {r['tokens_per_second']:,.0f} "
+             f"| {r['tflops_per_gpu']:.1f} | {_num(mfu, '.1f', '%')} "
              f"| {_num(r['peak_memory_gib'], '.2f')} | {_num(r['activation_memory_gib'], '.2f')} |")
-    by_recipe = {r["recipe"]: r for r in records if r["error"] is None}
-    bf16 = by_recipe.get("bf16")
-    bf16_mfu = None if bf16 is None or bf16["mfu"] is None else 100 * bf16["mfu"]
     _out()
-    _out(f"averis / nvfp4: {_num(_ratio(by_recipe, 'averis', 'nvfp4'), '.2f', 'x')} | "
-         f"nvfp4-rht / nvfp4: {_num(_ratio(by_recipe, 'nvfp4-rht', 'nvfp4'), '.2f', 'x')} | "
-         f"BF16 MFU: {_num(bf16_mfu, '.1f', '%')}")
+    modes = [m for m in MODES if any(r["mode"] == m for r in records)]
+    for mode in modes:
+        by_recipe = {r["recipe"]: r for r in records if r["error"] is None and r["mode"] == mode}
+        bf16 = by_recipe.get("bf16")
+        bf16_mfu = None if bf16 is None or bf16["mfu"] is None else 100 * bf16["mfu"]
+        _out(f"{mode}: averis / nvfp4 {_num(_ratio(by_recipe, 'averis', 'nvfp4'), '.2f', 'x')} | "
+             f"nvfp4-rht / nvfp4 {_num(_ratio(by_recipe, 'nvfp4-rht', 'nvfp4'), '.2f', 'x')} | "
+             f"BF16 MFU {_num(bf16_mfu, '.1f', '%')}")
+    if len(modes) == 2:
+        ok = [r for r in records if r["error"] is None]
+        speedups = []
+        for recipe in dict.fromkeys(r["recipe"] for r in ok):
+            pair = {r["mode"]: r for r in ok if r["recipe"] == recipe}
+            if len(pair) == 2:
+                speedups.append(f"{recipe} {pair['eager']['step_ms'] / pair['graph']['step_ms']:.2f}x")
+        _out("graph speed-up over eager (eager ms / graph ms): " + ", ".join(speedups))
     _out()
-    _out("Targets (issue 6):")
-    for t in check_targets(model, by_recipe):
-        _out(f"- {t['target']}: {t['text']}")
-    _out()
+    for mode in modes:
+        by_recipe = {r["recipe"]: r for r in records if r["error"] is None and r["mode"] == mode}
+        _out(f"Targets (issue 6), {mode}:")
+        for t in check_targets(model, by_recipe):
+            _out(f"- {t['target']}: {t['text']}")
+        _out()
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -345,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="weights (as the trainer) and token ids")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when available; cpu only where CUDA is unavailable")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="eager and/or graph (the trainer's --cuda-graph-impl local); default: both on "
+                        "CUDA, eager on CPU")
     p.add_argument("--trainer-args", default="",
                    help="more trainer flags for every run, e.g. "
                         "--trainer-args='--recompute-granularity selective'")
@@ -374,6 +411,31 @@ def _versions() -> str:
     return f"torch {torch.__version__}, triton {triton_version}"
 
 
+def _run_logged(model: str, recipe: str, mode: str, args, opts, device: torch.device, batch: dict,
+                peak: float | None) -> dict:
+    """run_recipe, logged; a failure (e.g. out of memory) becomes a record with its error."""
+    _log(f"{model} {recipe} {mode}: building and running {opts.warmup_steps} + {opts.steps} steps")
+    model_ref = None
+    try:
+        record, model_ref = run_recipe(model, recipe, args, opts, device, batch, peak, mode)
+    except Exception as e:  # report it, go on with the rest
+        traceback.print_exc()
+        record = _record(model, recipe, args, opts, device, mode)
+        record["error"] = f"{type(e).__name__}: {e}"
+        _log(f"{model} {recipe} {mode}: FAILED ({type(e).__name__})")
+    _free(device)
+    if model_ref is not None and model_ref() is not None:
+        _log(f"warning: the {recipe} model is still referenced after freeing; the next recipes' "
+             "peak memory includes it")
+    if record["error"] is None:
+        _log(f"{model} {recipe} {mode}: {record['step_ms']:.1f} ms/step (median of {opts.steps}; "
+             f"{record['step_ms_min']:.1f}-{record['step_ms_max']:.1f}), peak "
+             f"{_num(record['peak_memory_gib'], '.2f')} GiB, activations "
+             f"{_num(record['activation_memory_gib'], '.2f')} GiB, loss {record['loss']:.4f}, "
+             f"{record['seconds_total']:.1f} s")
+    return record
+
+
 def main(argv=None) -> int:
     """0 when every (model, recipe) ran, 1 when some failed (they are reported and skipped), 2 on
     a configuration error."""
@@ -383,6 +445,11 @@ def main(argv=None) -> int:
     if opts.steps < 1 or opts.warmup_steps < 0:
         raise SystemExit("--steps must be >= 1 and --warmup-steps >= 0")
     device = _choose_device(opts)
+    if opts.modes is None:
+        opts.modes = list(MODES) if device.type == "cuda" else ["eager"]
+    if "graph" in opts.modes and (device.type != "cuda" or opts.warmup_steps < 2):
+        raise SystemExit("--modes graph needs CUDA and --warmup-steps >= 2 (eager steps, then the "
+                         "capture at the last warm-up step)")
     if opts.peak_tflops is None and device.type == "cuda":
         opts.peak_tflops = H100_SXM_BF16_TFLOPS
         peak = opts.peak_tflops
@@ -399,8 +466,8 @@ def main(argv=None) -> int:
         tokenizer, data_prefix = _unread_data_files(tmp)
         # Every configuration through the trainer's validation before any device time is spent.
         try:
-            all_args = {(m, r): trainer_args(m, r, opts, tokenizer, data_prefix)
-                        for m in opts.models for r in opts.recipes}
+            all_args = {(m, r, mode): trainer_args(m, r, opts, tokenizer, data_prefix, mode)
+                        for m in opts.models for mode in opts.modes for r in opts.recipes}
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
@@ -425,34 +492,16 @@ def main(argv=None) -> int:
                                     opts.seed, device)
             for model in opts.models:
                 model_records = []
-                for recipe in opts.recipes:
-                    args = all_args[(model, recipe)]
-                    _log(f"{model} {recipe}: building and running {opts.warmup_steps} + "
-                         f"{opts.steps} steps")
-                    model_ref = None
-                    try:
-                        record, model_ref = run_recipe(model, recipe, args, opts, device, batch, peak)
-                    except Exception as e:  # e.g. out of memory: report it, go on with the rest
-                        traceback.print_exc()
-                        record = _record(model, recipe, args, opts, device)
-                        record["error"] = f"{type(e).__name__}: {e}"
-                        _log(f"{model} {recipe}: FAILED ({type(e).__name__})")
-                    _free(device)
-                    if model_ref is not None and model_ref() is not None:
-                        _log(f"warning: the {recipe} model is still referenced after freeing; the "
-                             "next recipes' peak memory includes it")
-                    if record["error"] is None:
-                        _log(f"{model} {recipe}: {record['step_ms']:.1f} ms/step (median of "
-                             f"{opts.steps}; {record['step_ms_min']:.1f}-{record['step_ms_max']:.1f}), "
-                             f"peak {_num(record['peak_memory_gib'], '.2f')} GiB, activations "
-                             f"{_num(record['activation_memory_gib'], '.2f')} GiB, loss "
-                             f"{record['loss']:.4f}, {record['seconds_total']:.1f} s")
-                    model_records.append(record)
-                base = next((r for r in model_records if r["recipe"] == "bf16" and r["error"] is None),
-                            None)
-                for r in model_records:
-                    if base is not None and r["error"] is None:
-                        r["ratio_to_bf16"] = r["step_ms"] / base["step_ms"]
+                for mode in opts.modes:
+                    mode_records = [_run_logged(model, recipe, mode, all_args[(model, recipe, mode)],
+                                                opts, device, batch, peak)
+                                    for recipe in opts.recipes]
+                    base = next((r for r in mode_records
+                                 if r["recipe"] == "bf16" and r["error"] is None), None)
+                    for r in mode_records:
+                        if base is not None and r["error"] is None:
+                            r["ratio_to_bf16"] = r["step_ms"] / base["step_ms"]
+                    model_records += mode_records
                 print_model_report(model, model_records)
                 records += model_records
             del batch

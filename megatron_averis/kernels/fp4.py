@@ -33,7 +33,7 @@ import triton.language as tl
 from megatron_averis import kernels
 from megatron_averis.numerics.blockscale import MXFP4_BLOCK, QuantizedTensor
 from megatron_averis.numerics.hadamard import RHT_BLOCK
-from megatron_averis.numerics.random import _positions, fmix32
+from megatron_averis.numerics.random import StepSeed, _positions, fmix32
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 # float32(1/6), written exactly: the reference multiplies S_enc by the FP32-rounded 1/6.
@@ -128,10 +128,11 @@ def _e4m3_rne(v):
 
 
 @triton.jit
-def _encode_e2m1(y, r, c, R, C, key, off_r, off_c, ridx_ptr, cidx_ptr, SR: tl.constexpr,
+def _encode_e2m1(y, r, c, R, C, keyu, off_r, off_c, ridx_ptr, cidx_ptr, SR: tl.constexpr,
                  ROW_IDX: tl.constexpr, COL_IDX: tl.constexpr):
     """E2M1 codes of scaled values y (e2m1.encode_e2m1). For SR, the local indices r, c map to
-    global positions as in random.position_uniform: offset + index, or an index tensor."""
+    global positions as in random.position_uniform: offset + index, or an index tensor; keyu is
+    the uint32 key (random.seed_key)."""
     a = _abs_bits(y).to(tl.float32, bitcast=True)
     neg = (y < 0.0).to(tl.int32)
     if SR:
@@ -145,7 +146,6 @@ def _encode_e2m1(y, r, c, R, C, key, off_r, off_c, ridx_ptr, cidx_ptr, SR: tl.co
         # multiplying by its reciprocal equals the reference's division.
         inv_gap = tl.where(lo < 4, 2.0, tl.where(lo == 6, 0.5, 1.0))
         p_up = (a - lo_v) * inv_gap
-        keyu = key.to(tl.uint32, bitcast=True)
         gr = _global_index(r, R, off_r, ridx_ptr, ROW_IDX)
         gc = _global_index(c, C, off_c, cidx_ptr, COL_IDX)
         hr = _fmix32(gr.to(tl.uint32) * 0x9E3779B1 + keyu)
@@ -171,12 +171,23 @@ def _global_index(local, n, off, idx_ptr, FROM_TENSOR: tl.constexpr):
 
 # Sizes, seeds and offsets are not specialized on (divisibility by 16, == 1): a new value must
 # not compile a new kernel. Strides are, so that contiguous loads vectorize.
+@triton.jit
+def _seed_key(key, step_ptr, STEP_SEED: tl.constexpr):
+    """random.seed_key as uint32: `key` itself, or for a StepSeed (key = its base) the key of
+    fold_seed(base, step) with the step read from device memory."""
+    k = key.to(tl.uint32, bitcast=True)
+    if STEP_SEED:
+        step = tl.load(step_ptr).to(tl.uint32)
+        k = _fmix32(_fmix32((k ^ step) * 0x01000193))
+    return k
+
+
 @triton.jit(do_not_specialize=["R", "C", "key", "off_r", "off_c"])
 def _quantize_kernel(
     x_ptr, sx_r, sx_c, sub_ptr, amax_ptr, q_ptr, s_ptr, ts_ptr,
-    R, C, key, off_r, off_c, ridx_ptr, cidx_ptr,
+    R, C, key, step_ptr, off_r, off_c, ridx_ptr, cidx_ptr,
     BR: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
-    MX: tl.constexpr, SR: tl.constexpr, SUB_DIM: tl.constexpr,
+    MX: tl.constexpr, SR: tl.constexpr, STEP_SEED: tl.constexpr, SUB_DIM: tl.constexpr,
     ROW_IDX: tl.constexpr, COL_IDX: tl.constexpr, RHT: tl.constexpr, NEG: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -227,7 +238,8 @@ def _quantize_kernel(
     if BM > 1:
         mult = tl.reshape(tl.broadcast_to(tl.expand_dims(mult, 1), [BR // BM, BM, NB]), [BR, NB])
 
-    codes = _encode_e2m1(x * tl.expand_dims(mult, 2), r3, c3, R, C, key, off_r, off_c,
+    keyu = _seed_key(key, step_ptr, STEP_SEED)
+    codes = _encode_e2m1(x * tl.expand_dims(mult, 2), r3, c3, R, C, keyu, off_r, off_c,
                          ridx_ptr, cidx_ptr, SR, ROW_IDX, COL_IDX)
     lo, hi = tl.split(tl.reshape(codes, [BR, NB, BK // 2, 2]))
     half_c = C // 2
@@ -527,7 +539,8 @@ def amax(x: torch.Tensor, sub: torch.Tensor | None = None, tile=None,
     return out.view(torch.float32).view(())
 
 
-def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str, sr_seed: int | None,
+def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str,
+             sr_seed: int | StepSeed | None,
              rng_offset: tuple[int, int], amax_t: torch.Tensor | None = None,
              sub: torch.Tensor | None = None, tile=None,
              signs: torch.Tensor | None = None) -> QuantizedTensor:
@@ -550,15 +563,19 @@ def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str, s
         if amax_t is None:
             amax_t = amax(x, sub, signs=signs)
         amax_arg = amax_t.to(device=x.device, dtype=torch.float32).reshape(1)
-    key = _int32(fmix32(int(sr_seed) & 0xFFFFFFFF)) if sr else 0
+    step_seed = sr and isinstance(sr_seed, StepSeed)
+    if step_seed:
+        key, step = _int32(sr_seed.base), sr_seed.step.to(device=x.device, dtype=torch.int64)
+    else:
+        key, step = (_int32(fmix32(int(sr_seed) & 0xFFFFFFFF)) if sr else 0), data
     off_r, ridx, row_idx = _offset_arg(rng_offset[0], R, x.device) if sr else (0, None, False)
     off_c, cidx, col_idx = _offset_arg(rng_offset[1], C, x.device) if sr else (0, None, False)
     br, bc, warps = _tile(R, C, x, bk, bm, tile)
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     _quantize_kernel[grid](
         x, x.stride(0), x.stride(1), sub_t, amax_arg, data, scales.view(torch.uint8), tensor_scale,
-        R, C, key, off_r, off_c, ridx if row_idx else data, cidx if col_idx else data,
-        BR=br, NB=bc // bk, BK=bk, BM=bm, MX=mx, SR=sr, SUB_DIM=sub_dim,
+        R, C, key, step, off_r, off_c, ridx if row_idx else data, cidx if col_idx else data,
+        BR=br, NB=bc // bk, BK=bk, BM=bm, MX=mx, SR=sr, STEP_SEED=step_seed, SUB_DIM=sub_dim,
         ROW_IDX=row_idx, COL_IDX=col_idx, RHT=rht, NEG=neg,
         enable_fp_fusion=False, num_warps=warps,
     )

@@ -32,7 +32,8 @@ from megatron_averis.linear.comm import SINGLE_DEVICE, TPComm
 from megatron_averis.numerics.hadamard import random_signs
 from megatron_averis.numerics.operand import QuantizedOperand, quantize_operand
 from megatron_averis.numerics.qgemm import qgemm
-from megatron_averis.numerics.random import mix_seed
+from megatron_averis.linear.sr_step import SR_STEP
+from megatron_averis.numerics.random import StepSeed, mix_seed
 from megatron_averis.recipes import OPERAND_ROLES, Recipe, check_token_count
 
 MODES = ("none", "column", "row")
@@ -43,6 +44,9 @@ class LinearContext:
     """Everything the function needs besides tensors. One per module; `step()` per forward call.
 
     stream_id: identifies the layer in the stochastic-rounding stream (the same on all TP ranks).
+        A seed mixes (recipe seed, stream_id, call_index, operand role, replica_id) and, once a
+        training loop drives linear.sr_step.SR_STEP, the iteration from device memory; the call
+        index then counts calls within the step.
     replica_id: the data(+context)-parallel rank: replicas see different tokens at the same local
         positions, so they must not share rounding bits (their noise would be correlated).
     gather_quantized: under SP, all-gather FP4 payloads (True) or BF16 tensors then quantize
@@ -66,6 +70,7 @@ class LinearContext:
     stream_id: int = 0
     replica_id: int = 0
     call_index: int = 0
+    step_epoch: int = 0
     signs: dict = field(default_factory=dict)
     observer: Callable[[str, QuantizedOperand], None] | None = None
 
@@ -95,12 +100,16 @@ class LinearContext:
         return (local // chunk) * (n_full // self.out_stride) + self.comm.rank * chunk + local % chunk
 
     def step(self) -> int:
+        if self.step_epoch != SR_STEP.epoch:  # a new training step began
+            self.step_epoch, self.call_index = SR_STEP.epoch, 0
         self.call_index += 1
         return self.call_index
 
-    def seed(self, role: str, call_index: int) -> int:
-        return mix_seed(self.recipe.sr_seed, self.stream_id, call_index,
+    def seed(self, role: str, call_index: int, device: torch.device) -> int | StepSeed:
+        base = mix_seed(self.recipe.sr_seed, self.stream_id, call_index,
                         OPERAND_ROLES.index(role), self.replica_id)
+        step = SR_STEP.tensor(device)
+        return base if step is None else StepSeed(base, step)
 
 
 def _quantize(ctx: LinearContext, role: str, x: torch.Tensor, call: int, *, mean_dim: int | None,
@@ -117,7 +126,7 @@ def _quantize(ctx: LinearContext, role: str, x: torch.Tensor, call: int, *, mean
         mean_dim=mean_dim if o.mean_split else None,
         mean_format=o.mean_format,
         signs=signs,  # CPU: the RHT matrix is cached per device (numerics.hadamard)
-        sr_seed=ctx.seed(role, call),
+        sr_seed=ctx.seed(role, call, x.device) if o.rounding == "stochastic" else None,
         rng_offset=offset,
         reducer=ctx.comm.reducer(tokens_sharded, features_sharded),
         transposed=transposed,

@@ -19,6 +19,13 @@ def next_stream_id() -> int:
     return next(_stream_ids)
 
 
+def reset_stream_ids() -> None:
+    """Number the next model's linears from 0 again: a model's SR streams then depend on its
+    structure only, not on what the process built before (e.g. a benchmark's earlier models)."""
+    global _stream_ids
+    _stream_ids = itertools.count()
+
+
 class QuantizedLinear(torch.nn.Module):
     """y = x·Wᵀ + b with the GEMMs of `recipe`; x is [s, b, in] or [n, in]."""
 

@@ -31,7 +31,7 @@ from megatron_averis.numerics.e2m1 import (
     unpack_fp4,
 )
 from megatron_averis.numerics.hadamard import RHT_BLOCK, blockwise_rht
-from megatron_averis.numerics.random import position_uniform
+from megatron_averis.numerics.random import StepSeed, position_uniform
 
 E4M3_MAX = 448.0
 FLT_MAX = torch.finfo(torch.float32).max
@@ -111,7 +111,7 @@ class QuantizedTensor:
         )
 
 
-def _check_rounding(rounding: str, sr_seed: int | None) -> None:
+def _check_rounding(rounding: str, sr_seed: int | StepSeed | None) -> None:
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"unknown rounding {rounding!r}; use one of {ROUNDING_MODES}")
     if rounding == "stochastic" and sr_seed is None:
@@ -119,7 +119,7 @@ def _check_rounding(rounding: str, sr_seed: int | None) -> None:
 
 
 def _encode(
-    scaled: torch.Tensor, rounding: str, sr_seed: int | None, rng_offset: tuple[int, int]
+    scaled: torch.Tensor, rounding: str, sr_seed: int | StepSeed | None, rng_offset: tuple[int, int]
 ) -> torch.Tensor:
     uniform = None
     if rounding == "stochastic":
@@ -186,7 +186,7 @@ def quantize_nvfp4(
     x: torch.Tensor,
     block: tuple[int, int] = (1, NVFP4_BLOCK),
     rounding: str = "rne",
-    sr_seed: int | None = None,
+    sr_seed: int | StepSeed | None = None,
     rng_offset: tuple[int, int] = (0, 0),
     amax: torch.Tensor | None = None,
     subtract: torch.Tensor | None = None,
@@ -229,7 +229,7 @@ def quantize_nvfp4(
 def quantize_mxfp4(
     x: torch.Tensor,
     rounding: str = "rne",
-    sr_seed: int | None = None,
+    sr_seed: int | StepSeed | None = None,
     rng_offset: tuple[int, int] = (0, 0),
     subtract: torch.Tensor | None = None,
     signs: torch.Tensor | None = None,

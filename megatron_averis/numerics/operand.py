@@ -43,6 +43,7 @@ from megatron_averis.numerics.blockscale import (
     quantize_nvfp4,
 )
 from megatron_averis.numerics.hadamard import RHT_BLOCK, blockwise_rht
+from megatron_averis.numerics.random import StepSeed
 
 
 class StatsReducer(Protocol):
@@ -249,7 +250,7 @@ def quantize_operand(
     mean_dim: int | None = None,
     mean_format: str = "bf16",
     signs: torch.Tensor | None = None,
-    sr_seed: int | None = None,
+    sr_seed: int | StepSeed | None = None,
     rng_offset: tuple[int, int] = (0, 0),
     reducer: StatsReducer = LOCAL,
     transposed: bool = False,

@@ -5,9 +5,15 @@ value of a sequential generator. So the draw an element gets does not depend on 
 split: a sequence-parallel shard that knows its global offset gets the bits the whole tensor would
 have, which keeps TP=2+SP bit-identical to TP=1 under stochastic rounding, and a GPU kernel can
 reproduce the stream exactly. The hash is the 32-bit MurmurHash3 finalizer applied twice.
+
+A seed is an int, or a StepSeed whose last part (the training step) lives in device memory: a
+CUDA graph captured once then draws new bits at every replay, and eager and graphed runs draw the
+same bits.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -28,12 +34,42 @@ def fmix32(h):
     return h ^ (h >> 16)
 
 
+_MIX_START = 0x243F6A88
+_MIX_MUL = 0x01000193
+
+
+def fold_seed(h, part):
+    """One step of mix_seed: h and part are ints or int64 tensors holding uint32 values."""
+    return fmix32((h ^ (part & _M32)) * _MIX_MUL & _M32)
+
+
 def mix_seed(*parts: int) -> int:
     """Combine integers (base seed, layer id, call counter, operand role) into one 32-bit seed."""
-    h = 0x243F6A88
+    h = _MIX_START
     for p in parts:
-        h = fmix32((h ^ (int(p) & _M32)) * 0x01000193 & _M32)
+        h = fold_seed(h, int(p))
     return h
+
+
+@dataclass(frozen=True, eq=False)
+class StepSeed:
+    """The seed mix_seed(*parts, step) given as base = mix_seed(*parts) and `step`, a one-element
+    int64 tensor on the operand's device read only where the bits are drawn (the kernels load it;
+    nothing synchronizes with the host)."""
+
+    base: int
+    step: torch.Tensor
+
+    def resolve(self) -> torch.Tensor:
+        """The seed as a one-element int64 tensor on the step's device."""
+        return fold_seed(self.base & _M32, self.step.reshape(1).to(torch.int64))
+
+
+def seed_key(seed) -> int | torch.Tensor:
+    """fmix32 of the seed: the key every position hash starts from."""
+    if isinstance(seed, StepSeed):
+        return fmix32(seed.resolve())
+    return fmix32(int(seed) & _M32)
 
 
 def _positions(where, n: int, device) -> torch.Tensor:
@@ -51,9 +87,11 @@ def position_uniform(
 ) -> torch.Tensor:
     """U[0, 1) FP32 draws with 24 random bits for the elements of a [rows, cols] tensor whose
     element (r, c) sits at global position (offset[0] + r, offset[1] + c) of the full tensor;
-    either entry of `offset` may instead be a tensor of global indices."""
+    either entry of `offset` may instead be a tensor of global indices. `seed`: int or StepSeed."""
     rows, cols = shape
-    key = fmix32(int(seed) & _M32)
+    key = seed_key(seed)
+    if isinstance(key, torch.Tensor):
+        key = key.to(device)
     r = _positions(offset[0], rows, device).view(rows, 1)
     c = _positions(offset[1], cols, device).view(1, cols)
     hr = fmix32((r * _ROW_MUL + key) & _M32)

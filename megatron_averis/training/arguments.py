@@ -12,6 +12,8 @@ import argparse
 import importlib.util
 import os
 
+import torch
+
 from megatron_averis.recipes import PRESETS as RECIPE_PRESETS
 from megatron_averis.recipes import RecipeError, check_linear_shape, check_token_count, get_recipe
 from megatron_averis.training.checkpoint_dirs import find_latest_checkpoint
@@ -144,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic-mode", action="store_true",
                    help="deterministic cuBLAS/NCCL and torch algorithms (torch raises on an op that "
                         "has none); for bit-exact GPU reruns, e.g. checking a resume")
+    g.add_argument("--cuda-graph-impl", choices=("none", "local"), default="none",
+                   help="local: capture each iteration's forward-backward schedule as one CUDA graph "
+                        "and replay it (removes the host overhead of the many small FP4 kernels)")
+    g.add_argument("--cuda-graph-scope", choices=("full_iteration",), default="full_iteration",
+                   help="what one graph covers; full_iteration (the optimizer step stays outside) is "
+                        "the scope this trainer implements")
+    g.add_argument("--cuda-graph-warmup-steps", type=int, default=3,
+                   help="eager steps before the capture")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -366,6 +376,26 @@ def _fp4_shape_problems(args, arch: ModelArch, recipe) -> list[str]:
     return problems
 
 
+def _cuda_graph_problems(args) -> list[str]:
+    """What a full-iteration CUDA graph (training/cuda_graph.py) cannot capture."""
+    problems = []
+    fix = "drop --cuda-graph-impl local or "
+    if not torch.cuda.is_available():
+        problems.append("--cuda-graph-impl local needs a CUDA device; drop it on CPU")
+    if args.pipeline_model_parallel_size > 1:
+        problems.append("--cuda-graph-impl local captures no pipeline schedule (its point-to-point "
+                        f"transfers synchronize with the host); {fix}use --pipeline-model-parallel-size 1")
+    if args.recompute_granularity is not None:
+        problems.append("--cuda-graph-impl local cannot capture activation recomputation (it "
+                        f"swaps RNG states on the host); {fix}drop --recompute-granularity")
+    if args.overlap_grad_reduce:
+        problems.append(f"--cuda-graph-impl local does not capture --overlap-grad-reduce; {fix}"
+                        "drop --overlap-grad-reduce")
+    if args.cuda_graph_warmup_steps < 1:
+        problems.append(f"--cuda-graph-warmup-steps must be >= 1, got {args.cuda_graph_warmup_steps}")
+    return problems
+
+
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Resolve preset, recipe and derived sizes in place; raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -458,6 +488,9 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
                                                  or args.recompute_num_layers is None):
         problems.append("--recompute-granularity full needs --recompute-method {uniform,block} and "
                         "--recompute-num-layers N")
+
+    if args.cuda_graph_impl == "local":
+        problems += _cuda_graph_problems(args)
 
     # Data and tokenizer.
     if not os.path.exists(args.tokenizer_model):

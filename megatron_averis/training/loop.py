@@ -22,11 +22,13 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_averis.linear.sr_step import SR_STEP
 from megatron_averis.training import data as data_lib
 from megatron_averis.training import distributed
 from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args
 from megatron_averis.training.checkpointing import Checkpointer
 from megatron_averis.training.cpu_compat import cpu_training
+from megatron_averis.training.cuda_graph import IterationGraph, side_stream
 from megatron_averis.training.metrics import (format_duration, interval_stats, memory_gib,
                                               peak_tflops, progress_line)
 from megatron_averis.training.model import build_model, count_local_parameters, transformer_config
@@ -98,7 +100,7 @@ class Trainer:
         self.config_dict = run_config(args, self.tokenizer)
         self.checkpointer = Checkpointer(args, self.model, self.optimizer, self.scheduler,
                                          self.config_dict)
-        self.forward_backward = get_forward_backward_func()
+        self._build_schedules()
 
         self.iteration = 0
         self.consumed_samples = 0
@@ -137,6 +139,15 @@ class Trainer:
         self.model = wrap_data_parallel(args, self.config, model)
         self.optimizer = build_optimizer(args, self.config, self.model)
         self.scheduler = build_scheduler(args, self.optimizer)
+
+    def _build_schedules(self) -> None:
+        """megatron-core's forward-backward schedule; for training, captured in a CUDA graph under
+        --cuda-graph-impl local (validation stays eager)."""
+        self.forward_backward = get_forward_backward_func()
+        self._train_schedule = partial(self._schedule, forward_only=False)
+        if self.args.cuda_graph_impl == "local":
+            self._train_schedule = IterationGraph(self._train_schedule, self.args.num_microbatches,
+                                                  self.args.cuda_graph_warmup_steps, self.device)
 
     # -- set-up report ------------------------------------------------------------------
     def _report_setup(self) -> None:
@@ -224,10 +235,11 @@ class Trainer:
         )
 
     def train_step(self, data_iterator):
+        SR_STEP.begin_step(self.iteration)  # stochastic rounding keyed by the step (linear.sr_step)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self._schedule(data_iterator, forward_only=False)
+        losses = self._train_schedule(data_iterator)
         lr = self.optimizer.param_groups[0]["lr"]
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
@@ -382,11 +394,13 @@ def main(argv=None) -> int:
     with cpu_training():
         distributed.initialize(args, env, device)
         try:
-            trainer = Trainer(args, env, device)
-            try:
-                trainer.train()
-            finally:
-                trainer.close()
+            # Graph capture needs the model built on the (non-default) stream it is captured on.
+            with side_stream(args.cuda_graph_impl == "local", device):
+                trainer = Trainer(args, env, device)
+                try:
+                    trainer.train()
+                finally:
+                    trainer.close()
             print0(f"wall time {format_duration(time.monotonic() - start)}")
         finally:
             distributed.shutdown()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_averis.linear.module import reset_stream_ids
 from megatron_averis.megatron.model import build_gpt_model
 from megatron_averis.te.model import build_te_gpt_model, te_config_fields
 
@@ -67,6 +68,7 @@ def uses_te(args) -> bool:
 def build_model(args, config: TransformerConfig, device: torch.device) -> list[torch.nn.Module]:
     """This pipeline stage's model chunk (a list, as megatron-core's schedules expect)."""
     build = build_te_gpt_model if uses_te(args) else build_gpt_model
+    reset_stream_ids()  # SR streams numbered by position in this model (linear.module)
     model = build(
         config,
         args.recipe,

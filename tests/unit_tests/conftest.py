@@ -21,3 +21,13 @@ def pytest_collection_modifyitems(config, items):
 def device(request):
     """Run a numerics test on CPU, and on CUDA where there is a GPU."""
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _host_only_sr_seeds():
+    """A test that runs a training step in-process switches the SR stream to device-resident
+    steps (linear.sr_step); the next test starts from host-only seeds again."""
+    yield
+    from megatron_averis.linear.sr_step import SR_STEP
+
+    SR_STEP.reset()

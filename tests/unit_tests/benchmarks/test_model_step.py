@@ -23,13 +23,13 @@ def _model_step():
     return module
 
 
-def _run_tiny(tmp_path, device: str, steps: int):
-    """model_step's main on the tiny preset, bf16 and averis; (exit code, JSON records)."""
+def _run_tiny(tmp_path, device: str, steps: int, warmup: int = 1, recipes=("bf16", "averis")):
+    """model_step's main on the tiny preset; (exit code, JSON records)."""
     out = tmp_path / "records.json"
     rc = _model_step().main([
-        "--models", "tiny", "--recipes", "bf16", "averis", "--device", device,
+        "--models", "tiny", "--recipes", *recipes, "--device", device,
         "--micro-batch-size", "2", "--seq-length", "64", "--vocab-size", "1000",
-        "--warmup-steps", "1", "--steps", str(steps), "--json", str(out)])
+        "--warmup-steps", str(warmup), "--steps", str(steps), "--json", str(out)])
     return rc, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -70,21 +70,39 @@ def test_tiny_preset_on_cpu(tmp_path, capsys, launch_env_restored):
 
     stdout = capsys.readouterr().out
     assert "## tiny:" in stdout
-    assert "| recipe | step ms | ratio to bf16 | tokens/s | TFLOP/s | MFU | peak memory GiB " \
+    assert "| recipe | mode | step ms | ratio to bf16 | tokens/s | TFLOP/s | MFU | peak memory GiB " \
            "| activation memory GiB |" in stdout
-    assert f"| averis | {averis['step_ms']:.1f} | {averis['ratio_to_bf16']:.2f}x |" in stdout
+    assert f"| averis | eager | {averis['step_ms']:.1f} | {averis['ratio_to_bf16']:.2f}x |" in stdout
+    assert "Targets (issue 6), eager:" in stdout and "graph" not in stdout  # eager only on CPU
     assert "- averis step ≤ 1.02x nvfp4: not measured (needs averis and nvfp4 to run)" in stdout
 
 
 @pytest.mark.gpu
 def test_tiny_preset_on_gpu_reports_memory_and_mfu(tmp_path, launch_env_restored):
     """A quick check of the CUDA-only fields before the full benchmark."""
-    rc, records = _run_tiny(tmp_path, "cuda", steps=2)
+    rc, records = _run_tiny(tmp_path, "cuda", steps=2, warmup=2)
     assert rc == 0
+    assert [(r["recipe"], r["mode"]) for r in records] == [
+        ("bf16", "eager"), ("averis", "eager"), ("bf16", "graph"), ("averis", "graph")]
     for r in records:
         assert r["error"] is None and r["peak_tflops"] == 989.0
         assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 989.0)
         assert 0 < r["activation_memory_gib"] < r["peak_memory_gib"]
+
+
+@pytest.mark.gpu
+def test_graph_replays_train_exactly_like_eager_steps(tmp_path, launch_env_restored):
+    """The trainer's full-iteration CUDA graph (captured at step 2, replayed at steps 3-6) ends
+    at the eager run's loss and gradient norm: the replays recompute every step, with the
+    stochastic-rounding bits of each step (they are read from device memory, not baked in)."""
+    rc, records = _run_tiny(tmp_path, "cuda", steps=4, warmup=2, recipes=("averis", "nvfp4-rht"))
+    assert rc == 0
+    by = {(r["recipe"], r["mode"]): r for r in records}
+    for recipe in ("averis", "nvfp4-rht"):
+        eager, graph = by[(recipe, "eager")], by[(recipe, "graph")]
+        assert graph["grad_norm"] > 0  # the replay filled the gradient buffers
+        assert graph["loss"] == pytest.approx(eager["loss"], rel=1e-6, abs=0)
+        assert graph["grad_norm"] == pytest.approx(eager["grad_norm"], rel=1e-4, abs=0)
 
 
 def test_targets_pass_and_miss_by_how_much():

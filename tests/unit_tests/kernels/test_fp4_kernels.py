@@ -15,6 +15,7 @@ from megatron_averis.numerics import (
     random_signs,
 )
 from megatron_averis.numerics.blockscale import abs_max
+from megatron_averis.numerics.random import StepSeed, mix_seed
 from megatron_averis.numerics.operand import TOKEN_SUM_SWITCH, TOKEN_SUMS, pairwise_sum
 from megatron_averis.recipes import get_recipe
 
@@ -406,6 +407,24 @@ def test_linear_step_identical_with_kernels(kdev, reference, monkeypatch, recipe
         want = run()
     for a, b in zip(got, want):
         assert_same_tensor(a, b)
+
+
+def test_step_seed_reads_the_step_from_device_memory(kdev, reference, kernel_calls):
+    """The quantize kernel folds a StepSeed's device-resident step into its key as the reference
+    does, so it draws the bits of the int seed mix_seed(*parts, step), and a step moved in place
+    (a replayed CUDA graph) changes them."""
+    x = _data(48, 64, 21, torch.float32, kdev)
+    step = torch.tensor([5], dtype=torch.int64, device=kdev)
+    seed = StepSeed(mix_seed(9, 2), step)
+    kw = dict(rounding="stochastic", rng_offset=(16, 32))
+    got = quantize_nvfp4(x, sr_seed=seed, **kw)
+    assert kernel_calls["quantize"] == 1
+    step.fill_(6)
+    later = quantize_nvfp4(x, sr_seed=seed, **kw)
+    with reference():
+        assert_same_qt(got, quantize_nvfp4(x, sr_seed=mix_seed(9, 2, 5), **kw))
+        assert_same_qt(later, quantize_nvfp4(x, sr_seed=mix_seed(9, 2, 6), **kw))
+    assert not torch.equal(got.data, later.data)
 
 
 def test_sr_stream_matches_position_uniform(kdev, reference):

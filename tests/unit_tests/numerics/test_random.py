@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from megatron_averis.numerics.random import mix_seed, position_uniform
+from megatron_averis.numerics.random import StepSeed, mix_seed, position_uniform
 
 
 def test_shards_draw_the_bits_of_the_whole(device):
@@ -30,3 +30,34 @@ def test_uniform_statistics_and_seed_dependence(device):
     other = position_uniform((512, 512), seed=6, device=device).double().cpu().numpy().ravel()
     assert abs(np.corrcoef(u, other)[0, 1]) < 0.02
     assert mix_seed(1, 2, 3) != mix_seed(1, 2, 4) != mix_seed(2, 2, 3)
+
+
+def _slow_mix(*parts):
+    """mix_seed written out from its definition, on Python ints only."""
+    def fmix(h):
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) % 2**32
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) % 2**32
+        return h ^ (h >> 16)
+    h = 0x243F6A88
+    for p in parts:
+        h = fmix(((h ^ (p % 2**32)) * 0x01000193) % 2**32)
+    return h
+
+
+def test_step_seed_draws_the_bits_of_the_seed_with_the_step_appended(device):
+    """A StepSeed whose step lives in a device tensor draws mix_seed(*parts, step)'s bits; moving
+    the step in place moves the stream (what a replayed CUDA graph relies on)."""
+    assert mix_seed(7, 3, 11) == _slow_mix(7, 3, 11)
+    step = torch.tensor([41], dtype=torch.int64, device=device)
+    seed = StepSeed(mix_seed(7, 3), step)
+    assert int(seed.resolve().item()) == _slow_mix(7, 3, 41)
+    got = position_uniform((24, 40), seed, offset=(8, 16), device=device)
+    assert torch.equal(got, position_uniform((24, 40), _slow_mix(7, 3, 41), offset=(8, 16),
+                                             device=device))
+    step.fill_(42)
+    moved = position_uniform((24, 40), seed, offset=(8, 16), device=device)
+    assert torch.equal(moved, position_uniform((24, 40), _slow_mix(7, 3, 42), offset=(8, 16),
+                                               device=device))
+    assert (moved != got).float().mean() > 0.99

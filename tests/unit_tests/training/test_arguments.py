@@ -175,3 +175,25 @@ def test_every_dataset_must_fill_every_split(files):
     (files / "bad.bin").write_bytes(b"")
     (files / "bad.idx").write_bytes(b"junk")
     assert "cannot read the index of" in problems(files, "--data-path", str(files / "bad"))
+
+
+def test_cuda_graph_rejects_what_one_graph_cannot_capture(files, monkeypatch):
+    """--cuda-graph-impl local: each layout the capture cannot hold is named with its fix."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # judge the layout, not this host
+    args = finalize(files, "--fp4-recipe", "averis", "--cuda-graph-impl", "local",
+                    "--tensor-model-parallel-size", "2", "--sequence-parallel", world_size=4)
+    assert (args.cuda_graph_impl, args.cuda_graph_scope, args.cuda_graph_warmup_steps) == (
+        "local", "full_iteration", 3)
+    text = problems(files, "--cuda-graph-impl", "local", "--pipeline-model-parallel-size", "2",
+                    "--recompute-granularity", "selective", "--overlap-grad-reduce",
+                    "--cuda-graph-warmup-steps", "0", world_size=2)
+    assert "use --pipeline-model-parallel-size 1" in text
+    assert "drop --recompute-granularity" in text
+    assert "drop --overlap-grad-reduce" in text
+    assert "--cuda-graph-warmup-steps must be >= 1, got 0" in text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--cuda-graph-impl local needs a CUDA device" in problems(files, "--cuda-graph-impl", "local")
+    with pytest.raises(SystemExit):  # argparse: the only scope there is
+        parse_args(argv(files, "--cuda-graph-scope", "attn"))
