@@ -25,6 +25,23 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+
+
+def finalize_model_grads_capturable(model, num_tokens=None, **kwargs) -> None:
+    """megatron-core's finalize_model_grads (DP reduction, SP/tied-embedding sums) followed by
+    its 1 / tokens scaling, without its host read `if num_tokens > 0` (not capturable). No
+    pipeline stages here (checked at start-up), so the token count needs no broadcast; a zero
+    count leaves the (then zero) gradients unscaled, as megatron-core does."""
+    finalize_model_grads(model, None, **kwargs)
+    if num_tokens is None:
+        return
+    torch.distributed.all_reduce(
+        num_tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    scaling = 1.0 / num_tokens.clamp(min=1)
+    for chunk in model:
+        chunk.scale_gradients(scaling)
 
 
 @contextlib.contextmanager

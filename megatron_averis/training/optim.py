@@ -15,6 +15,8 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_averis.training.cuda_graph import finalize_model_grads_capturable
+
 
 def wrap_data_parallel(args, config, model_chunks):
     ddp_config = DistributedDataParallelConfig(
@@ -36,7 +38,8 @@ def wrap_data_parallel(args, config, model_chunks):
     # The pipeline schedules call these around micro-batches: no gradient all-reduce until the
     # last micro-batch, then DP reduction, SP/tied-embedding gradient sums and 1/tokens scaling.
     config.no_sync_func = wrapped[0].no_sync if len(wrapped) == 1 else [m.no_sync for m in wrapped]
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = (finalize_model_grads_capturable
+                                        if args.cuda_graph_impl == "local" else finalize_model_grads)
     if args.overlap_grad_reduce:
         config.grad_sync_func = (wrapped[0].start_grad_sync if len(wrapped) == 1
                                  else [m.start_grad_sync for m in wrapped])
