@@ -3,7 +3,8 @@
 A process draws from: Python's and NumPy's generators, torch's CPU generator, the CUDA generator,
 megatron-core's tensor-parallel RNG tracker (dropout and initialisation inside model-parallel
 regions), and the FP4 linears' stochastic-rounding streams, which are keyed by a per-layer call
-counter (LinearContext.call_index). capture() and restore() cover all of them.
+counter (LinearContext.call_index; under the trainer the streams are also keyed by the iteration,
+linear.sr_step, and the counter restarts every step). capture() and restore() cover all of them.
 """
 
 from __future__ import annotations
