@@ -4,7 +4,8 @@
 # 1. quant_kernels.py: kernel bandwidth against copy, per-GEMM ratios to BF16;
 # 2. linear_step.py: one linear's forward+backward per recipe, at the Qwen3-0.6B fc1 and Llama-1B
 #    fc1 shapes (docs/performance.md, Commands);
-# 3. model_step.py: the whole training step of qwen3-0.6b and llama-1b per recipe, with the targets.
+# 3. model_step.py: the whole training step of qwen3-0.6b and llama-1b per recipe, eager and as a
+#    CUDA graph (the trainer's --cuda-graph-impl local), with the targets.
 # Standard error goes into the report too, so a failure's traceback is kept with the figures.
 set -euo pipefail
 
