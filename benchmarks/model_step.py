@@ -186,12 +186,6 @@ def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch:
     start = time.monotonic()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
-    with side_stream(mode == "graph", device):  # where the trainer runs a graphed model
-        return _time_steps(model, recipe, args, opts, device, batch, peak, mode, start)
-
-
-def _time_steps(model, recipe, args, opts, device, batch, peak, mode, start):
-    on_gpu = device.type == "cuda"
     bench = _StepBench(args, device)
     model_ref = weakref.ref(bench.model[0])
     data = itertools.repeat(batch)  # Trainer._forward_step takes next() per micro-batch
@@ -417,7 +411,8 @@ def _run_logged(model: str, recipe: str, mode: str, args, opts, device: torch.de
     _log(f"{model} {recipe} {mode}: building and running {opts.warmup_steps} + {opts.steps} steps")
     model_ref = None
     try:
-        record, model_ref = run_recipe(model, recipe, args, opts, device, batch, peak, mode)
+        with side_stream(mode == "graph", device):  # where the trainer runs a graphed model
+            record, model_ref = run_recipe(model, recipe, args, opts, device, batch, peak, mode)
     except Exception as e:  # report it, go on with the rest
         traceback.print_exc()
         record = _record(model, recipe, args, opts, device, mode)

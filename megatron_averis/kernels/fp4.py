@@ -169,8 +169,6 @@ def _global_index(local, n, off, idx_ptr, FROM_TENSOR: tl.constexpr):
     return off + local
 
 
-# Sizes, seeds and offsets are not specialized on (divisibility by 16, == 1): a new value must
-# not compile a new kernel. Strides are, so that contiguous loads vectorize.
 @triton.jit
 def _seed_key(key, step_ptr, STEP_SEED: tl.constexpr):
     """random.seed_key as uint32: `key` itself, or for a StepSeed (key = its base) the key of
@@ -182,6 +180,8 @@ def _seed_key(key, step_ptr, STEP_SEED: tl.constexpr):
     return k
 
 
+# Sizes, seeds and offsets are not specialized on (divisibility by 16, == 1): a new value must
+# not compile a new kernel. Strides are, so that contiguous loads vectorize.
 @triton.jit(do_not_specialize=["R", "C", "key", "off_r", "off_c"])
 def _quantize_kernel(
     x_ptr, sx_r, sx_c, sub_ptr, amax_ptr, q_ptr, s_ptr, ts_ptr,

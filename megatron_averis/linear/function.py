@@ -29,10 +29,10 @@ from typing import Callable
 import torch
 
 from megatron_averis.linear.comm import SINGLE_DEVICE, TPComm
+from megatron_averis.linear.sr_step import SR_STEP
 from megatron_averis.numerics.hadamard import random_signs
 from megatron_averis.numerics.operand import QuantizedOperand, quantize_operand
 from megatron_averis.numerics.qgemm import qgemm
-from megatron_averis.linear.sr_step import SR_STEP
 from megatron_averis.numerics.random import StepSeed, mix_seed
 from megatron_averis.recipes import OPERAND_ROLES, Recipe, check_token_count
 
@@ -125,7 +125,7 @@ def _quantize(ctx: LinearContext, role: str, x: torch.Tensor, call: int, *, mean
         rounding=o.rounding,
         mean_dim=mean_dim if o.mean_split else None,
         mean_format=o.mean_format,
-        signs=signs,  # CPU: the RHT matrix is cached per device (numerics.hadamard)
+        signs=signs,  # kept on the CPU: the kernels take them as a compile-time bit mask
         sr_seed=ctx.seed(role, call, x.device) if o.rounding == "stochastic" else None,
         rng_offset=offset,
         reducer=ctx.comm.reducer(tokens_sharded, features_sharded),

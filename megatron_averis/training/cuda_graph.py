@@ -29,6 +29,11 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 
 
+def enabled(args) -> bool:
+    """Whether the run captures its iterations (--cuda-graph-impl local)."""
+    return args.cuda_graph_impl == "local"
+
+
 def finalize_model_grads_capturable(model, num_tokens=None, **kwargs) -> None:
     """megatron-core's finalize_model_grads (DP reduction, SP/tied-embedding sums) followed by
     its 1 / tokens scaling, without its host read `if num_tokens > 0` (not capturable). No

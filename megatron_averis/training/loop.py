@@ -28,7 +28,7 @@ from megatron_averis.training import distributed
 from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args
 from megatron_averis.training.checkpointing import Checkpointer
 from megatron_averis.training.cpu_compat import cpu_training
-from megatron_averis.training.cuda_graph import IterationGraph, side_stream
+from megatron_averis.training import cuda_graph
 from megatron_averis.training.metrics import (format_duration, interval_stats, memory_gib,
                                               peak_tflops, progress_line)
 from megatron_averis.training.model import build_model, count_local_parameters, transformer_config
@@ -145,9 +145,10 @@ class Trainer:
         --cuda-graph-impl local (validation stays eager)."""
         self.forward_backward = get_forward_backward_func()
         self._train_schedule = partial(self._schedule, forward_only=False)
-        if self.args.cuda_graph_impl == "local":
-            self._train_schedule = IterationGraph(self._train_schedule, self.args.num_microbatches,
-                                                  self.args.cuda_graph_warmup_steps, self.device)
+        if cuda_graph.enabled(self.args):
+            self._train_schedule = cuda_graph.IterationGraph(
+                self._train_schedule, self.args.num_microbatches, self.args.cuda_graph_warmup_steps,
+                self.device)
 
     # -- set-up report ------------------------------------------------------------------
     def _report_setup(self) -> None:
@@ -395,7 +396,7 @@ def main(argv=None) -> int:
         distributed.initialize(args, env, device)
         try:
             # Graph capture needs the model built on the (non-default) stream it is captured on.
-            with side_stream(args.cuda_graph_impl == "local", device):
+            with cuda_graph.side_stream(cuda_graph.enabled(args), device):
                 trainer = Trainer(args, env, device)
                 try:
                     trainer.train()

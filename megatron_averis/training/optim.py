@@ -15,7 +15,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_averis.training.cuda_graph import finalize_model_grads_capturable
+from megatron_averis.training import cuda_graph
 
 
 def wrap_data_parallel(args, config, model_chunks):
@@ -25,7 +25,7 @@ def wrap_data_parallel(args, config, model_chunks):
         use_distributed_optimizer=args.use_distributed_optimizer,
         # Its per-bucket check reads the gradient norm on the host, which a CUDA graph cannot
         # capture; with --cuda-graph-impl local a NaN shows in the logged loss and grad norm.
-        check_for_nan_in_grad=args.cuda_graph_impl != "local",
+        check_for_nan_in_grad=not cuda_graph.enabled(args),
     )
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
@@ -38,8 +38,8 @@ def wrap_data_parallel(args, config, model_chunks):
     # The pipeline schedules call these around micro-batches: no gradient all-reduce until the
     # last micro-batch, then DP reduction, SP/tied-embedding gradient sums and 1/tokens scaling.
     config.no_sync_func = wrapped[0].no_sync if len(wrapped) == 1 else [m.no_sync for m in wrapped]
-    config.finalize_model_grads_func = (finalize_model_grads_capturable
-                                        if args.cuda_graph_impl == "local" else finalize_model_grads)
+    config.finalize_model_grads_func = (cuda_graph.finalize_model_grads_capturable
+                                        if cuda_graph.enabled(args) else finalize_model_grads)
     if args.overlap_grad_reduce:
         config.grad_sync_func = (wrapped[0].start_grad_sync if len(wrapped) == 1
                                  else [m.start_grad_sync for m in wrapped])
