@@ -28,6 +28,11 @@ What the table reports, per recipe:
   each micro-batch's backward before the next forward, so this is the largest over micro-batches.
   Memory fields are CUDA-only: None on CPU (torch does not count CPU allocations).
 
+--profile RECIPE...: one more eager step of each named recipe under torch.profiler, and a table
+per model of its GPU time by kernel: the project's Triton kernels by name, the rest by kind
+(cuBLAS GEMMs, attention, casts and copies, reductions, other elementwise). The kernels of a
+graph replay are those of the eager step, so this is also what bounds a graphed step.
+
 Modes (--modes): eager, and graph = the trainer's --cuda-graph-impl local (training/cuda_graph.py:
 the forward-backward schedule captured once as a CUDA graph and replayed; the graph is captured at
 the last warm-up step, so every timed step is a replay). Ratios compare recipes in the same mode.
@@ -95,6 +100,40 @@ def _out(text: str = "") -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def kernel_kind(name: str) -> str:
+    """The row of the GPU-time table that a CUDA kernel's name belongs to."""
+    low = name.lower()
+    if name.startswith("_") and name.endswith("_kernel"):
+        return f"Triton {name}"  # this project's kernels (megatron_averis/kernels)
+    for kind, marks in (("cuBLAS GEMMs", ("nvjet", "gemm", "cutlass", "xmma")),
+                        ("attention", ("sdpa", "flash", "fmha", "attention")),
+                        ("casts and copies", ("copy", "memcpy")),
+                        ("reductions (sums, norms, amax)", ("reduce", "norm", "softmax")),
+                        ("memsets and fills", ("memset", "fill"))):
+        if any(m in low for m in marks):
+            return kind
+    return "other elementwise"
+
+
+def profile_step(bench, data, device: torch.device) -> dict:
+    """{kind: [ms, launches]} of the GPU kernels of one train_step (torch.profiler, CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        bench.train_step(data)
+        _sync(device)
+    bench.iteration += 1
+    kinds: dict = {}
+    for e in prof.events():  # CPU ops and the GPU's kernels, memcpys and memsets
+        if e.device_type.name != "CUDA":
+            continue
+        row = kinds.setdefault(kernel_kind(e.name), [0.0, 0])
+        row[0] += (e.time_range.end - e.time_range.start) / 1e3  # microseconds -> ms
+        row[1] += 1
+    return kinds
 
 
 class _StepBench(Trainer):
@@ -205,6 +244,8 @@ def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch:
         if i >= opts.warmup_steps:
             times.append(seconds)
             skipped += 0 if updated else 1
+    gpu_time = (profile_step(bench, data, device)
+                if on_gpu and mode == "eager" and recipe in opts.profile else None)
     median = statistics.median(times)
     tokens = args.global_batch_size * args.seq_length
     flops = training_flops_per_iteration(args.arch, args.padded_vocab_size, args.seq_length,
@@ -223,6 +264,7 @@ def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch:
         "loss": (loss[0] / loss[1]).item(),  # of the last step; ~ln(vocab) at initialisation
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "skipped_steps": skipped,
+        "gpu_time_ms": gpu_time,
         "seconds_total": time.monotonic() - start,
     }
     return record, model_ref
@@ -245,7 +287,7 @@ def _record(model: str, recipe: str, args, opts, device: torch.device, mode: str
         "step_ms": None, "step_ms_min": None, "step_ms_max": None, "ratio_to_bf16": None,
         "tokens_per_second": None, "tflops_per_gpu": None, "mfu": None, "peak_memory_gib": None,
         "activation_memory_gib": None, "loss": None, "grad_norm": None, "skipped_steps": None,
-        "seconds_total": None, "error": None,
+        "gpu_time_ms": None, "seconds_total": None, "error": None,
     }
 
 
@@ -349,6 +391,26 @@ def print_model_report(model: str, records: list[dict]) -> None:
         for t in check_targets(model, by_recipe):
             _out(f"- {t['target']}: {t['text']}")
         _out()
+    print_gpu_time(records)
+
+
+def print_gpu_time(records: list[dict]) -> None:
+    profiled = [r for r in records if r.get("gpu_time_ms")]
+    if not profiled:
+        return
+    rows = {kind for r in profiled for kind in r["gpu_time_ms"]}
+    order = sorted(rows, key=lambda k: -max(r["gpu_time_ms"].get(k, [0.0])[0] for r in profiled))
+    _out("GPU time per step by kernel (torch.profiler, one eager step; ms, launches):")
+    _out()
+    _out("| kernel | " + " | ".join(r["recipe"] for r in profiled) + " |")
+    _out("|---|" + "---|" * len(profiled))
+    for kind in order:
+        cells = [r["gpu_time_ms"].get(kind) for r in profiled]
+        _out(f"| {kind} | " + " | ".join("–" if c is None else f"{c[0]:.1f} ({c[1]})" for c in cells)
+             + " |")
+    _out("| total | " + " | ".join(f"{sum(c[0] for c in r['gpu_time_ms'].values()):.1f}"
+                                    for r in profiled) + " |")
+    _out()
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -379,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainer-args", default="",
                    help="more trainer flags for every run, e.g. "
                         "--trainer-args='--recompute-granularity selective'")
+    p.add_argument("--profile", nargs="+", default=[], choices=list(RECIPE_PRESETS), metavar="RECIPE",
+                   help="one more eager step of these recipes under torch.profiler: GPU time by "
+                        "kernel (CUDA, eager mode)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the records (one per model x recipe) as a JSON list")
     return p
@@ -445,6 +510,9 @@ def main(argv=None) -> int:
     if "graph" in opts.modes and (device.type != "cuda" or opts.warmup_steps < 2):
         raise SystemExit("--modes graph needs CUDA and --warmup-steps >= 2 (eager steps, then the "
                          "capture at the last warm-up step)")
+    if opts.profile and (device.type != "cuda" or "eager" not in opts.modes):
+        raise SystemExit("--profile needs CUDA and the eager mode (the graph replays the same "
+                         "kernels)")
     if opts.peak_tflops is None and device.type == "cuda":
         opts.peak_tflops = H100_SXM_BF16_TFLOPS
         peak = opts.peak_tflops

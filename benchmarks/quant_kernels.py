@@ -121,8 +121,8 @@ def kernel_table(shapes):
 def tile_sweep(rows, cols):
     """Quantize-kernel throughput per tile (rows, columns, warps), to choose fp4.TILES."""
     print(f"\n## Tile sweep: nvfp4 1x16 SR with mean, {rows}x{cols} BF16 (GB/s)\n")
-    configs = [(16, 128, 4), (32, 128, 4), (32, 256, 8), (64, 64, 4), (64, 128, 8), (128, 32, 4),
-               (128, 64, 8)]
+    configs = [(16, 64, 4), (16, 128, 4), (16, 256, 8), (32, 64, 4), (32, 128, 4), (32, 256, 8),
+               (64, 32, 4), (64, 64, 4), (64, 64, 8), (64, 128, 8), (128, 32, 4), (128, 64, 8)]
     x = torch.randn(rows, cols, device=DEVICE, dtype=torch.bfloat16)
     xt_src = torch.randn(cols, rows, device=DEVICE, dtype=torch.bfloat16)
     mean = torch.zeros(1, cols, device=DEVICE)

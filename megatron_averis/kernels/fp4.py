@@ -66,10 +66,13 @@ def _load_operand(x_ptr, sx_r, sx_c, sub_ptr, r, c, R, C, SUB_DIM: tl.constexpr,
         x = x - tl.load(sub_ptr + c, mask=c < C, other=0.0)
     elif SUB_DIM == 1:
         x = x - tl.load(sub_ptr + r, mask=r < R, other=0.0)
+    if SUB_DIM >= 0:
+        x = tl.where(mask, x, 0.0)  # padding is 0 - sub after the subtraction
     if RHT:
+        # (padding may become -0.0 here: only its |x| reaches a block maximum, never a code)
         neg = (tl.full([], NEG, tl.int64) >> (c % 16)) & 1
         x = x * tl.where(neg != 0, -1.0, 1.0)
-    return tl.where(mask, x, 0.0)
+    return x
 
 
 @triton.jit
@@ -98,7 +101,7 @@ def _abs_bits(x):
     return (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
 
 
-@triton.jit(do_not_specialize=["R", "C"])
+@triton.jit
 def _amax_kernel(x_ptr, sx_r, sx_c, sub_ptr, out_ptr, R, C,
                  BR: tl.constexpr, BC: tl.constexpr, SUB_DIM: tl.constexpr,
                  RHT: tl.constexpr, NEG: tl.constexpr):
@@ -132,20 +135,26 @@ def _encode_e2m1(y, r, c, R, C, keyu, off_r, off_c, ridx_ptr, cidx_ptr, SR: tl.c
                  ROW_IDX: tl.constexpr, COL_IDX: tl.constexpr):
     """E2M1 codes of scaled values y (e2m1.encode_e2m1). For SR, the local indices r, c map to
     global positions as in random.position_uniform: offset + index, or an index tensor; keyu is
-    the uint32 key (random.seed_key)."""
+    the uint32 key (random.seed_key).
+
+    The magnitude index comes from the FP32 bit pattern instead of the reference's seven
+    comparisons (the same result for every input, with a third of the instructions): from 1 up,
+    E2M1 is FP32 with one mantissa bit, and bits >> 22 is 2·exponent + that bit, i.e. index + 252
+    (1.0 -> 2, 1.5 -> 3, ..., 6.0 -> 7); below 1 the grid is {0, 0.5} plus the carry to 1.0."""
     a = _abs_bits(y).to(tl.float32, bitcast=True)
     neg = (y < 0.0).to(tl.int32)
     if SR:
         a = tl.where(a > 6.0, 6.0, a)  # keeps NaN, like torch.clamp
-        lo = ((a >= 0.5).to(tl.int32) + (a >= 1.0).to(tl.int32) + (a >= 1.5).to(tl.int32)
-              + (a >= 2.0).to(tl.int32) + (a >= 3.0).to(tl.int32) + (a >= 4.0).to(tl.int32)
-              + (a >= 6.0).to(tl.int32))
-        lo_v = tl.where(a >= 6.0, 6.0, tl.where(a >= 4.0, 4.0, tl.where(a >= 3.0, 3.0, tl.where(
-            a >= 2.0, 2.0, tl.where(a >= 1.5, 1.5, tl.where(a >= 1.0, 1.0, tl.where(a >= 0.5, 0.5, 0.0)))))))
-        # The gap to the next value is a power of two (1 past the top, as in the reference), so
-        # multiplying by its reciprocal equals the reference's division.
-        inv_gap = tl.where(lo < 4, 2.0, tl.where(lo == 6, 0.5, 1.0))
-        p_up = (a - lo_v) * inv_gap
+        b = a.to(tl.int32, bitcast=True)
+        # lo: the largest grid value <= a; p_up = (a - lo) / gap, the reference's exact quotient
+        # (both operations are exact). For a >= 1 the gap is half the binade and (a - lo) / gap is
+        # the 22 mantissa bits below the kept one, times 2^-22 (0 at 6.0, where the gap is 1);
+        # below 1, grid {0, 0.5}, gap 0.5: 2a - lo. NaN: lo = 0, p_up = NaN, never rounds up.
+        big = a >= 1.0
+        half = a >= 0.5
+        lo = tl.where(big, (b >> 22) - 252, half.to(tl.int32))
+        p_up = tl.where(big, (b & 0x3FFFFF).to(tl.float32) * 2.384185791015625e-07,  # 2^-22
+                        a * 2.0 - half.to(tl.float32))
         gr = _global_index(r, R, off_r, ridx_ptr, ROW_IDX)
         gc = _global_index(c, C, off_c, cidx_ptr, COL_IDX)
         hr = _fmix32(gr.to(tl.uint32) * 0x9E3779B1 + keyu)
@@ -153,11 +162,14 @@ def _encode_e2m1(y, r, c, R, C, keyu, off_r, off_c, ridx_ptr, cidx_ptr, SR: tl.c
         u = (h >> 8).to(tl.float32) * 5.9604644775390625e-08  # 24 random bits · 2^-24
         idx = lo + (u < p_up).to(tl.int32)
     else:
-        # Round to nearest, ties to the even code (e2m1._RNE_STEPS); clamping to 6 first would
-        # not change any of these comparisons.
-        idx = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-               + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
-               + (a > 5.0).to(tl.int32))
+        # Round to nearest, ties to the even code (e2m1._RNE_STEPS). a >= 1: RNE of the bit
+        # pattern to one mantissa bit, saturated at index 7 (6.0; inf too). a < 1: 2a is exact
+        # and adding 2^23 rounds it to an integer with ties to even (0.25 -> 0, 0.75 -> 2).
+        # NaN fails both tests and gets index 0, as the reference's comparisons give.
+        b = a.to(tl.int32, bitcast=True)
+        rn = (b + 0x1FFFFF + ((b >> 22) & 1)) >> 22
+        small = ((a * 2.0 + TWO_POW_23).to(tl.int32, bitcast=True) - 0x4B000000)
+        idx = tl.where(a >= 1.0, tl.minimum(rn - 252, 7), tl.where(a < 1.0, small, 0))
     return idx | (neg << 3)
 
 
@@ -180,9 +192,11 @@ def _seed_key(key, step_ptr, STEP_SEED: tl.constexpr):
     return k
 
 
-# Sizes, seeds and offsets are not specialized on (divisibility by 16, == 1): a new value must
-# not compile a new kernel. Strides are, so that contiguous loads vectorize.
-@triton.jit(do_not_specialize=["R", "C", "key", "off_r", "off_c"])
+# Seeds and offsets are not specialized on: a new value must not compile a new kernel. Sizes and
+# strides are, as in every kernel here: Triton then knows whether they are multiples of 16 (at
+# most a few variants per kernel), which lets masked loads and stores vectorize to 16 bytes;
+# without it every element is its own 2-byte load.
+@triton.jit(do_not_specialize=["key", "off_r", "off_c"])
 def _quantize_kernel(
     x_ptr, sx_r, sx_c, sub_ptr, amax_ptr, q_ptr, s_ptr, ts_ptr,
     R, C, key, step_ptr, off_r, off_c, ridx_ptr, cidx_ptr,
@@ -278,7 +292,7 @@ def _scale_value(s, MX: tl.constexpr):
     return scale
 
 
-@triton.jit(do_not_specialize=["R", "C"])
+@triton.jit
 def _dequant_kernel(q_ptr, s_ptr, out_ptr, R, C,
                     BR: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
                     MX: tl.constexpr):
@@ -349,7 +363,7 @@ def _epilogue(acc, scale_ptr, rm, rn, M, N,
     return _add_term(out, rm, rn, M, N, T3, u3, v3, k3, K3)
 
 
-@triton.jit(do_not_specialize=["M", "N", "k1", "k2", "k3"])
+@triton.jit(do_not_specialize=["k1", "k2", "k3"])
 def _scale_terms_kernel(c_ptr, o_ptr, scale_ptr, M, N,
                         T1: tl.constexpr, u1, v1, k1, K1: tl.constexpr,
                         T2: tl.constexpr, u2, v2, k2, K2: tl.constexpr,
@@ -373,7 +387,7 @@ def _scale_terms_kernel(c_ptr, o_ptr, scale_ptr, M, N,
         tl.store(o_ptr + offs, out, mask=mask)
 
 
-@triton.jit(do_not_specialize=["M", "N", "k1", "k2", "k3"])
+@triton.jit(do_not_specialize=["k1", "k2", "k3"])
 def _fp4_gemm_kernel(aq, as_, bq, bs, scale_ptr, c_ptr, M, N, K: tl.constexpr,
                      T1: tl.constexpr, u1, v1, k1, K1: tl.constexpr,
                      T2: tl.constexpr, u2, v2, k2, K2: tl.constexpr,
@@ -426,7 +440,7 @@ def _nan_aware_extremes(x, valid, axis: tl.constexpr):
     return tl.where(nan, float("nan"), lo), tl.where(nan, float("nan"), hi)
 
 
-@triton.jit(do_not_specialize=["T", "F"])
+@triton.jit
 def _token_stats_tile_kernel(x_ptr, s_t, s_f, T, F, psum, pmin, pmax,
                              BT: tl.constexpr, LOG_BT: tl.constexpr, BF: tl.constexpr):
     """Per tile of BT tokens (an aligned subtree of the pairwise sum): partial sums, min, max."""
@@ -443,7 +457,7 @@ def _token_stats_tile_kernel(x_ptr, s_t, s_f, T, F, psum, pmin, pmax,
     tl.store(pmax + out, hi, mask=fo < F)
 
 
-@triton.jit(do_not_specialize=["P", "F"])
+@triton.jit
 def _token_stats_final_kernel(psum, pmin, pmax, P, F, sum_ptr, lo_ptr, hi_ptr,
                               P_PAD: tl.constexpr, LOG_P: tl.constexpr, BF: tl.constexpr):
     """The upper levels of the pairwise tree over the tile sums (zero tiles up to P_PAD), and the
@@ -465,7 +479,7 @@ def _token_stats_final_kernel(psum, pmin, pmax, P, F, sum_ptr, lo_ptr, hi_ptr,
 _LAUNCH = dict(num_warps=4)
 # (rows, columns, warps) per program, the fastest of benchmarks/quant_kernels.py's sweep on an
 # H100 (docs/performance.md). "transposed": operands read through swapped strides (wgrad Xᵀ, Gᵀ).
-TILES = {"rows": (64, 64, 4), "transposed": (16, 128, 4)}
+TILES = {"rows": (64, 64, 4), "transposed": (32, 64, 4)}
 
 
 def _tile(R: int, C: int, x: torch.Tensor, bk: int, bm: int, tile=None) -> tuple[int, int, int]:

@@ -23,13 +23,14 @@ def _model_step():
     return module
 
 
-def _run_tiny(tmp_path, device: str, steps: int, warmup: int = 1, recipes=("bf16", "averis")):
+def _run_tiny(tmp_path, device: str, steps: int, warmup: int = 1, recipes=("bf16", "averis"),
+              extra=()):
     """model_step's main on the tiny preset; (exit code, JSON records)."""
     out = tmp_path / "records.json"
     rc = _model_step().main([
         "--models", "tiny", "--recipes", *recipes, "--device", device,
         "--micro-batch-size", "2", "--seq-length", "64", "--vocab-size", "1000",
-        "--warmup-steps", str(warmup), "--steps", str(steps), "--json", str(out)])
+        "--warmup-steps", str(warmup), "--steps", str(steps), "--json", str(out), *extra])
     return rc, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -80,7 +81,7 @@ def test_tiny_preset_on_cpu(tmp_path, capsys, launch_env_restored):
 @pytest.mark.gpu
 def test_tiny_preset_on_gpu_reports_memory_and_mfu(tmp_path, launch_env_restored):
     """A quick check of the CUDA-only fields before the full benchmark."""
-    rc, records = _run_tiny(tmp_path, "cuda", steps=2, warmup=2)
+    rc, records = _run_tiny(tmp_path, "cuda", steps=2, warmup=2, extra=["--profile", "averis"])
     assert rc == 0
     assert [(r["recipe"], r["mode"]) for r in records] == [
         ("bf16", "eager"), ("averis", "eager"), ("bf16", "graph"), ("averis", "graph")]
@@ -88,6 +89,11 @@ def test_tiny_preset_on_gpu_reports_memory_and_mfu(tmp_path, launch_env_restored
         assert r["error"] is None and r["peak_tflops"] == 989.0
         assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 989.0)
         assert 0 < r["activation_memory_gib"] < r["peak_memory_gib"]
+        # --profile averis: only its eager record has the GPU-time breakdown
+        assert (r["gpu_time_ms"] is not None) == (r["recipe"], r["mode"]) == ("averis", "eager")
+    gpu = records[1]["gpu_time_ms"]
+    assert gpu["Triton _quantize_kernel"][1] > 0 and gpu["cuBLAS GEMMs"][1] > 0
+    assert all(ms > 0 and n > 0 for ms, n in gpu.values())
 
 
 @pytest.mark.gpu
@@ -119,3 +125,36 @@ def test_targets_pass_and_miss_by_how_much():
     qwen = {t["target"]: t for t in check("qwen3-0.6b", {"bf16": by_recipe["bf16"]})}
     assert set(qwen) == {"averis step ≤ 1.25x bf16", "averis step ≤ 1.02x nvfp4"}
     assert qwen["averis step ≤ 1.25x bf16"]["passed"] is None
+
+
+def test_kernel_kinds_and_gpu_time_table(capsys):
+    ms = _model_step()
+    kinds = {
+        "_quantize_kernel": "Triton _quantize_kernel",
+        "nvjet_sm90_tss_256x128_64x4_1x2_h_bz_coopA_TNT": "cuBLAS GEMMs",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "cuBLAS GEMMs",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": "attention",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda": "casts and copies",
+        "Memcpy DtoD (Device -> Device)": "casts and copies",
+        "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float>>": "reductions (sums, norms, amax)",
+        "Memset (Device)": "memsets and fills",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other elementwise",
+    }
+    for name, kind in kinds.items():
+        assert ms.kernel_kind(name) == kind, name
+    ms.print_gpu_time([
+        {"recipe": "bf16", "gpu_time_ms": {"cuBLAS GEMMs": [30.0, 300], "attention": [4.0, 28]}},
+        {"recipe": "nvfp4", "gpu_time_ms": None},
+        {"recipe": "averis", "gpu_time_ms": {"cuBLAS GEMMs": [32.5, 339],
+                                             "Triton _quantize_kernel": [40.25, 560]}},
+    ])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:] == [
+        "| kernel | bf16 | averis |",
+        "|---|---|---|",
+        "| Triton _quantize_kernel | – | 40.2 (560) |",
+        "| cuBLAS GEMMs | 30.0 (300) | 32.5 (339) |",
+        "| attention | 4.0 (28) | – |",
+        "| total | 34.0 | 72.8 |",
+        "",
+    ]

@@ -163,6 +163,27 @@ def test_rne_ties_and_saturation(kdev, reference):
         assert_same_qt(got, want)
 
 
+@pytest.mark.parametrize("rounding", ["rne", "stochastic"])
+def test_every_e2m1_boundary_and_its_neighbours(kdev, reference, rounding):
+    """The kernels find E2M1 indices from FP32 bit patterns; the reference compares against
+    thresholds. Every grid value and RNE midpoint, each with its FP32 neighbours on both sides,
+    both signs, scaled exactly (MXFP4 blocks with amax 6·2^k) and not (NVFP4), must agree."""
+    edges = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0,
+                          5.0, 6.0, 7.0])
+    vals = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)])
+    vals = torch.cat([vals, -vals, torch.tensor([float("inf"), -float("inf")])])
+    per_block = 31  # each 32-block starts with its amax 6.0
+    vals = torch.cat([vals, vals.new_zeros(-vals.numel() % per_block)]).view(-1, per_block)
+    row = torch.cat([torch.full((vals.shape[0], 1), 6.0), vals], dim=1).reshape(-1)
+    x = torch.stack([row * 2.0**k for k in range(-8, 8)]).to(kdev)
+    for quantize in (lambda t: quantize_mxfp4(t, rounding, sr_seed=5),
+                     lambda t: quantize_nvfp4(t, (1, 16), rounding, sr_seed=5, amax=t.new_tensor(7e3))):
+        got = quantize(x)
+        with reference():
+            want = quantize(x)
+        assert_same_qt(got, want)
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "nvfp4-16x16", "mxfp4"])
 @pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
 def test_non_finite_inputs(kdev, reference, fmt, bad):
