@@ -90,7 +90,7 @@ def test_tiny_preset_on_gpu_reports_memory_and_mfu(tmp_path, launch_env_restored
         assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 989.0)
         assert 0 < r["activation_memory_gib"] < r["peak_memory_gib"]
         # --profile averis: only its eager record has the GPU-time breakdown
-        assert (r["gpu_time_ms"] is not None) == (r["recipe"], r["mode"]) == ("averis", "eager")
+        assert (r["gpu_time_ms"] is not None) == ((r["recipe"], r["mode"]) == ("averis", "eager"))
     gpu = records[1]["gpu_time_ms"]
     assert gpu["Triton _quantize_kernel"][1] > 0 and gpu["cuBLAS GEMMs"][1] > 0
     assert all(ms > 0 and n > 0 for ms, n in gpu.values())
