@@ -8,6 +8,12 @@ Table 2: for every GEMM of a Qwen3-0.6B and a Llama-1B layer (qkv, proj, fc1, fc
 wgrad), the time to quantize its operands and run the emulated FP4 GEMM, over the time of the BF16
 GEMM, per recipe and per GEMM implementation (MEGATRON_AVERIS_FP4_GEMM=dequant|fused). Table 3:
 the GEMM alone (operands already quantized) against torch.mm(out_dtype=float32) on BF16 values.
+
+Every time is GPU time: the call is captured REPS times in a CUDA graph, each preceded by a 256 MB
+write that evicts the L2 cache, and the graph of the writes alone is subtracted. Timing the calls
+from Python instead (triton.testing.do_bench) measures the host's launch path for the smaller
+shapes: a 16 MB quantization waits ~60 us for its arguments to be prepared, longer than it runs.
+The model's training step runs these kernels from a CUDA graph too (model_step.py, graph mode).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import os
 from contextlib import contextmanager
 
 import torch
-import triton.testing
+import triton
 
 from megatron_averis import kernels
 from megatron_averis.kernels import fp4
@@ -42,15 +48,54 @@ def layer_linears(m):
 DEVICE = "cuda"
 
 
+REPS = 10  # captured calls per graph
+_L2_EVICT_BYTES = 256 * 2**20  # more than any GPU's L2 (H100: 50 MB)
+
+
+def _graph_ms(body, replays: int = 5) -> float:
+    """Median milliseconds of one replay of a CUDA graph that runs body() once."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
 def bench(fn) -> float:
-    """Median milliseconds per call (L2 flushed between calls)."""
+    """GPU milliseconds per call of fn, L2 evicted before each call (see the module docstring)."""
     if DEVICE != "cuda":  # --device cpu: a smoke test of this script through Triton's interpreter
         import time
 
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+    evict = torch.empty(_L2_EVICT_BYTES, dtype=torch.uint8, device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compilation, autotuning, library handles: before capture
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    def calls():
+        for _ in range(REPS):
+            evict.zero_()
+            fn()
+
+    def evictions():
+        for _ in range(REPS):
+            evict.zero_()
+
+    return max(_graph_ms(calls) - _graph_ms(evictions), 0.0) / REPS
 
 
 @contextmanager
