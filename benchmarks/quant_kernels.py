@@ -23,7 +23,6 @@ import os
 from contextlib import contextmanager
 
 import torch
-import triton
 import triton.testing
 
 from megatron_averis import kernels
