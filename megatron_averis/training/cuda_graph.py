@@ -14,10 +14,10 @@ stochastic rounding reads its step from device memory (linear.sr_step).
 
 Requirements, all checked by training.arguments: CUDA, no pipeline parallelism, no activation
 recomputation, no --overlap-grad-reduce. megatron-core DDP's per-bucket NaN check (a host read)
-is off in this mode (training.optim); a NaN still shows in the logged loss and grad norm. The model and its DDP wrapper must be built on the
-stream the graph is captured on (side_stream below): DDP registers gradient hooks on each
-parameter's gradient accumulator, and autograd would otherwise make the default stream wait on
-the capture, which CUDA forbids.
+is off in this mode (training.optim); a NaN still shows in the logged loss and grad norm. The
+model and its DDP wrapper must be built on the stream the graph is captured on (side_stream
+below): DDP registers gradient hooks on each parameter's gradient accumulator, and autograd would
+otherwise make the default stream wait on the capture, which CUDA forbids.
 """
 
 from __future__ import annotations
