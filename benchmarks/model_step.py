@@ -1,6 +1,6 @@
 """Whole training step per model and recipe, in one process on one GPU (issue 6).
 
-    python3 benchmarks/model_step.py [--models qwen3-0.6b llama-1b] [--recipes bf16 nvfp4 ...]
+    python3 benchmarks/model_step.py [--models qwen3-0.6b llama-1b] [--recipes bf16 nvfp4-nohadamard ...]
         [--micro-batch-size 4] [--seq-length 2048] [--vocab-size 32768] [--json PATH]
 
 Every (model, recipe) is built as the trainer builds it: its flags go through the trainer's parser
@@ -84,7 +84,7 @@ from megatron_averis.training.presets import (padded_vocab_size, parameter_count
 from megatron_averis.training.rng_state import seed_everything  # noqa: E402
 
 DEFAULT_MODELS = ("qwen3-0.6b", "llama-1b")
-DEFAULT_RECIPES = ("bf16", "nvfp4", "nvfp4-rht", "averis", "averis-rht")
+DEFAULT_RECIPES = ("bf16", "nvfp4-nohadamard", "nvfp4", "averis", "averis-rht")
 MODES = ("eager", "graph")
 H100_SXM_BF16_TFLOPS = 989.0  # dense, no sparsity (H200 SXM has the same tensor cores)
 
@@ -314,7 +314,7 @@ def _ratio(by_recipe: dict, num: str, den: str) -> float | None:
 TARGETS = (
     ("qwen3-0.6b", "averis step ≤ 1.25x bf16", "ratio", "averis", "bf16", 1.25),
     ("llama-1b", "averis step ≤ 1.15x bf16", "ratio", "averis", "bf16", 1.15),
-    (None, "averis step ≤ 1.02x nvfp4", "ratio", "averis", "nvfp4", 1.02),
+    (None, "averis step ≤ 1.02x nvfp4-nohadamard", "ratio", "averis", "nvfp4-nohadamard", 1.02),
     ("llama-1b", "BF16 MFU ≥ 40%", "mfu", "bf16", None, 0.40),
 )
 
@@ -329,7 +329,7 @@ def check_targets(model: str, by_recipe: dict) -> list[dict]:
             value = _ratio(by_recipe, num, den)
             passed = None if value is None else value <= bound
             margin = None if value is None else abs(value - bound)
-            shown = _num(value, ".3f", "x")  # 3 digits: the averis/nvfp4 bound is 1.02
+            shown = _num(value, ".3f", "x")  # 3 digits: the averis/nvfp4-nohadamard bound is 1.02
             by = _num(margin, ".3f", "x")
         else:
             rec = by_recipe.get(num)
@@ -373,8 +373,9 @@ def print_model_report(model: str, records: list[dict]) -> None:
         by_recipe = {r["recipe"]: r for r in records if r["error"] is None and r["mode"] == mode}
         bf16 = by_recipe.get("bf16")
         bf16_mfu = None if bf16 is None or bf16["mfu"] is None else 100 * bf16["mfu"]
-        _out(f"{mode}: averis / nvfp4 {_num(_ratio(by_recipe, 'averis', 'nvfp4'), '.2f', 'x')} | "
-             f"nvfp4-rht / nvfp4 {_num(_ratio(by_recipe, 'nvfp4-rht', 'nvfp4'), '.2f', 'x')} | "
+        _out(f"{mode}: averis / nvfp4-nohadamard "
+             f"{_num(_ratio(by_recipe, 'averis', 'nvfp4-nohadamard'), '.2f', 'x')} | "
+             f"nvfp4 / nvfp4-nohadamard {_num(_ratio(by_recipe, 'nvfp4', 'nvfp4-nohadamard'), '.2f', 'x')} | "
              f"BF16 MFU {_num(bf16_mfu, '.1f', '%')}")
     if len(modes) == 2:
         ok = [r for r in records if r["error"] is None]

@@ -46,5 +46,5 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then com
     echo
     echo '## Whole training step (benchmarks/model_step.py)'
     echo
-    python3 benchmarks/model_step.py --profile bf16 nvfp4 averis --json "${report%.md}-model-step.json"
+    python3 benchmarks/model_step.py --profile bf16 nvfp4-nohadamard averis --json "${report%.md}-model-step.json"
 } 2>&1 | tee "$report"

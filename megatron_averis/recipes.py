@@ -14,6 +14,7 @@ Every knob is a field; presets are just values. `Recipe.with_overrides(["wgrad_r
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, replace
 
 FORMATS = ("bf16", "nvfp4", "mxfp4")
@@ -215,20 +216,36 @@ def _uniform(name: str, fmt: str) -> Recipe:
     return Recipe(name=name, **{role: o for role in OPERAND_ROLES})
 
 
+# Names follow Megatron-LM and Transformer Engine: `nvfp4` is NVIDIA's pretraining recipe.
+# `nvfp4-nohadamard` is the same without the RHT, the control that isolates `averis`'s split.
 PRESETS = {
     "bf16": lambda: Recipe(name="bf16"),
-    "nvfp4": lambda: _uniform("nvfp4", "nvfp4"),
-    "nvfp4-rht": lambda: _nvidia("nvfp4-rht", rht=True, mean_split=False),
+    "nvfp4": lambda: _nvidia("nvfp4", rht=True, mean_split=False),
+    "nvfp4-nohadamard": lambda: _nvidia("nvfp4-nohadamard", rht=False, mean_split=False),
+    "nvfp4-plain": lambda: _uniform("nvfp4-plain", "nvfp4"),
     "averis": lambda: _nvidia("averis", rht=False, mean_split=True),
     "averis-rht": lambda: _nvidia("averis-rht", rht=True, mean_split=True),
     "mxfp4": lambda: _uniform("mxfp4", "mxfp4"),
 }
 
+# Old preset names that still resolve, with a deprecation line naming the new one.
+DEPRECATED_NAMES = {"nvfp4-rht": "nvfp4"}
 
-def get_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+
+def canonical_name(name: str) -> str:
+    """The preset `name` stands for; a deprecated name warns once per call with its successor."""
+    if name in DEPRECATED_NAMES:
+        new = DEPRECATED_NAMES[name]
+        warnings.warn(f"recipe {name!r} is deprecated and now called {new!r}; use --fp4-recipe {new}",
+                      FutureWarning, stacklevel=3)
+        return new
     if name not in PRESETS:
         raise RecipeError(f"unknown recipe {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]().with_overrides(overrides)
+    return name
+
+
+def get_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    return PRESETS[canonical_name(name)]().with_overrides(overrides)
 
 
 def _parse_value(text: str, current):
@@ -329,6 +346,8 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "PRESETS",
+    "DEPRECATED_NAMES",
+    "canonical_name",
     "OPERAND_ROLES",
     "GEMMS",
     "get_recipe",

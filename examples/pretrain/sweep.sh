@@ -9,7 +9,7 @@ if [ $# -lt 1 ]; then sed -n '2,6p' "$0" >&2; exit 2; fi
 MODEL=$1
 shift
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-for RECIPE in ${RECIPES:-bf16 nvfp4 nvfp4-rht averis averis-rht}; do
+for RECIPE in ${RECIPES:-bf16 nvfp4-plain nvfp4-nohadamard nvfp4 averis averis-rht}; do
     echo "=== $MODEL $RECIPE"
     "$HERE/train.sh" "$MODEL" "$RECIPE" "$@"
 done

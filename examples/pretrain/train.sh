@@ -7,8 +7,8 @@
 # TP=2 with sequence parallelism:  TP=2 SP=1 NPROC_PER_NODE=2 examples/pretrain/train.sh qwen3-0.6b averis
 # Several nodes: run on every node with the same MASTER_ADDR/MASTER_PORT and NNODES, and that
 # node's NODE_RANK (0 .. NNODES-1):
-#   MASTER_ADDR=node0 NNODES=2 NODE_RANK=0 examples/pretrain/train.sh llama-1b nvfp4-rht   # node0
-#   MASTER_ADDR=node0 NNODES=2 NODE_RANK=1 examples/pretrain/train.sh llama-1b nvfp4-rht   # node1
+#   MASTER_ADDR=node0 NNODES=2 NODE_RANK=0 examples/pretrain/train.sh llama-1b nvfp4   # node0
+#   MASTER_ADDR=node0 NNODES=2 NODE_RANK=1 examples/pretrain/train.sh llama-1b nvfp4   # node1
 # Configuration and environment overrides: config.sh. Runs resume from their latest checkpoint.
 set -euo pipefail
 if [ $# -lt 2 ]; then

@@ -1,6 +1,6 @@
 """Averis as a Transformer Engine CustomRecipe (TE >= 2.20, optional).
 
-- factories.py: the qfactory callables (presets averis, averis_rht, nvfp4, nvfp4_rht, and the
+- factories.py: the qfactory callables (presets averis, averis_rht, nvfp4, nvfp4_nohadamard, nvfp4_plain, and the
   trainer's `configured` recipe) for CustomRecipe / Megatron-LM's --fp4-quantizer-factory;
 - roles.py: TE quantizer roles -> our GEMM operands;
 - core.py: quantization and GEMMs through our numerics (no TE needed);

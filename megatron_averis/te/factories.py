@@ -19,7 +19,7 @@ from megatron_averis.te.availability import require_te
 from megatron_averis.te.binding import LayerRegistry, find_calling_module
 from megatron_averis.te.roles import slot_spec
 
-TE_PRESETS = ("averis", "averis-rht", "nvfp4", "nvfp4-rht")
+TE_PRESETS = ("averis", "averis-rht", "nvfp4", "nvfp4-nohadamard", "nvfp4-plain")
 
 
 class QFactory:
@@ -66,9 +66,11 @@ def custom_recipe(recipe: Recipe | str, first_stream: int = 0):
 averis = QFactory("averis")
 averis_rht = QFactory("averis-rht")
 nvfp4 = QFactory("nvfp4")
-nvfp4_rht = QFactory("nvfp4-rht")
+nvfp4_nohadamard = QFactory("nvfp4-nohadamard")
+nvfp4_plain = QFactory("nvfp4-plain")
+nvfp4_rht = nvfp4  # deprecated name of NVIDIA's recipe, kept so old --fp4-quantizer-factory paths work
 PRESET_FACTORIES = {"averis": averis, "averis-rht": averis_rht, "nvfp4": nvfp4,
-                    "nvfp4-rht": nvfp4_rht}
+                    "nvfp4-nohadamard": nvfp4_nohadamard, "nvfp4-plain": nvfp4_plain}
 
 
 class _Configured:

@@ -15,7 +15,8 @@ import os
 import torch
 
 from megatron_averis.recipes import PRESETS as RECIPE_PRESETS
-from megatron_averis.recipes import RecipeError, check_linear_shape, check_token_count, get_recipe
+from megatron_averis.recipes import DEPRECATED_NAMES as DEPRECATED_RECIPES
+from megatron_averis.recipes import RecipeError, canonical_name, check_linear_shape, check_token_count, get_recipe
 from megatron_averis.training.checkpoint_dirs import find_latest_checkpoint
 from megatron_averis.training.presets import PRESETS as MODEL_PRESETS
 from megatron_averis.training.presets import ModelArch
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("precision and FP4 recipe")
     g.add_argument("--bf16", action="store_true",
                    help="BF16 parameters and activations, unquantized GEMMs (recipe 'bf16')")
-    g.add_argument("--fp4-recipe", choices=FP4_RECIPES,
+    g.add_argument("--fp4-recipe", choices=FP4_RECIPES + tuple(DEPRECATED_RECIPES),
                    help="FP4 GEMM recipe for the transformer layers' linears (implies --bf16)")
     g.add_argument("--fp4-recipe-override", action="append", default=[], metavar="KEY=VALUE",
                    help="change one recipe knob, e.g. wgrad_rht=false or grads.rounding=rne "
@@ -247,6 +248,8 @@ def _arch_from_args(args, problems: list[str]) -> ModelArch | None:
 
 
 def _recipe_from_args(args, problems: list[str]):
+    if args.fp4_recipe:
+        args.fp4_recipe = canonical_name(args.fp4_recipe)  # a deprecated name warns here, once
     overrides = list(args.fp4_recipe_override)
     if args.first_last_layers_bf16:
         start = 1 if args.num_layers_at_start_in_bf16 is None else args.num_layers_at_start_in_bf16

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from megatron_averis.recipes import (
@@ -20,7 +22,7 @@ def _ops(r):
 
 def test_bf16_and_vanilla_presets():
     assert get_recipe("bf16").is_bf16
-    for name, fmt, k in (("nvfp4", "nvfp4", 16), ("mxfp4", "mxfp4", 32)):
+    for name, fmt, k in (("nvfp4-plain", "nvfp4", 16), ("mxfp4", "mxfp4", 32)):
         r = get_recipe(name)
         for o in _ops(r).values():
             assert (o.format, o.block, o.rounding, o.mean_split) == (fmt, (1, k), "rne", False)
@@ -30,7 +32,7 @@ def test_bf16_and_vanilla_presets():
 def test_nvidia_recipe():
     """NVIDIA, 'Pretraining LLMs with NVFP4': 16x16 weight blocks, SR on gradients, RHT on the
     wgrad inputs only, RNE elsewhere."""
-    r = get_recipe("nvfp4-rht")
+    r = get_recipe("nvfp4")
     for role in W:
         assert r.operand(role).block == (16, 16) and r.operand(role).rounding == "rne"
     for role in GRAD:
@@ -44,7 +46,7 @@ def test_nvidia_recipe():
 
 @pytest.mark.parametrize("name,rht", [("averis", False), ("averis-rht", True)])
 def test_averis_recipes(name, rht):
-    r, base = get_recipe(name), get_recipe("nvfp4-rht")
+    r, base = get_recipe(name), get_recipe("nvfp4")
     for role in OPERAND_ROLES:
         o, b = r.operand(role), base.operand(role)
         assert (o.format, o.block, o.rounding) == (b.format, b.block, b.rounding)
@@ -80,7 +82,7 @@ def test_overrides_each_knob():
 )
 def test_invalid_combinations_are_named(overrides, match):
     with pytest.raises(RecipeError, match=match):
-        get_recipe("nvfp4-rht", overrides)
+        get_recipe("nvfp4", overrides)
 
 
 def test_bf16_operand_rejects_fp4_options():
@@ -88,7 +90,7 @@ def test_bf16_operand_rejects_fp4_options():
         get_recipe("bf16", ["fprop_input.mean_split=true"])
     with pytest.raises(RecipeError, match="unknown recipe"):
         get_recipe("fp3")
-    assert sorted(PRESETS) == sorted(["bf16", "nvfp4", "nvfp4-rht", "averis", "averis-rht", "mxfp4"])
+    assert sorted(PRESETS) == sorted(["bf16", "nvfp4", "nvfp4-nohadamard", "nvfp4-plain", "averis", "averis-rht", "mxfp4"])
 
 
 def test_shape_checks():
@@ -101,3 +103,18 @@ def test_shape_checks():
     check_token_count(get_recipe("averis"), 4096)
     with pytest.raises(RecipeError, match="100 tokens .* multiple of 16"):
         check_token_count(get_recipe("averis"), 100)
+
+
+def test_nohadamard_control_is_nvidia_recipe_without_rht():
+    r, nv = get_recipe("nvfp4-nohadamard"), get_recipe("nvfp4")
+    assert [r.operand(x) for x in OPERAND_ROLES] == [nv.operand(x) for x in OPERAND_ROLES]
+    assert (r.wgrad_rht, nv.wgrad_rht) == (False, True)
+    split = get_recipe("averis")
+    assert [dataclasses.replace(split.operand(x), mean_split=False) for x in OPERAND_ROLES] == \
+        [r.operand(x) for x in OPERAND_ROLES]
+
+
+def test_deprecated_name_resolves_with_a_warning():
+    with pytest.warns(FutureWarning, match="'nvfp4-rht' is deprecated and now called 'nvfp4'"):
+        r = get_recipe("nvfp4-rht")
+    assert r == get_recipe("nvfp4")

@@ -75,7 +75,7 @@ def test_tiny_preset_on_cpu(tmp_path, capsys, launch_env_restored):
            "| activation memory GiB |" in stdout
     assert f"| averis | eager | {averis['step_ms']:.1f} | {averis['ratio_to_bf16']:.2f}x |" in stdout
     assert "Targets (issue 6), eager:" in stdout and "graph" not in stdout  # eager only on CPU
-    assert "- averis step ≤ 1.02x nvfp4: not measured (needs averis and nvfp4 to run)" in stdout
+    assert "- averis step ≤ 1.02x nvfp4-nohadamard: not measured (needs averis and nvfp4-nohadamard to run)" in stdout
 
 
 @pytest.mark.gpu
@@ -101,10 +101,10 @@ def test_graph_replays_train_exactly_like_eager_steps(tmp_path, launch_env_resto
     """The trainer's full-iteration CUDA graph (captured at step 2, replayed at steps 3-6) ends
     at the eager run's loss and gradient norm: the replays recompute every step, with the
     stochastic-rounding bits of each step (they are read from device memory, not baked in)."""
-    rc, records = _run_tiny(tmp_path, "cuda", steps=4, warmup=2, recipes=("averis", "nvfp4-rht"))
+    rc, records = _run_tiny(tmp_path, "cuda", steps=4, warmup=2, recipes=("averis", "nvfp4"))
     assert rc == 0
     by = {(r["recipe"], r["mode"]): r for r in records}
-    for recipe in ("averis", "nvfp4-rht"):
+    for recipe in ("averis", "nvfp4"):
         eager, graph = by[(recipe, "eager")], by[(recipe, "graph")]
         assert graph["grad_norm"] > 0  # the replay filled the gradient buffers
         assert graph["loss"] == pytest.approx(eager["loss"], rel=1e-6, abs=0)
@@ -113,17 +113,17 @@ def test_graph_replays_train_exactly_like_eager_steps(tmp_path, launch_env_resto
 
 def test_targets_pass_and_miss_by_how_much():
     check = _model_step().check_targets
-    by_recipe = {"bf16": {"step_ms": 100.0, "mfu": 0.308}, "nvfp4": {"step_ms": 200.0, "mfu": 0.15},
+    by_recipe = {"bf16": {"step_ms": 100.0, "mfu": 0.308}, "nvfp4-nohadamard": {"step_ms": 200.0, "mfu": 0.15},
                  "averis": {"step_ms": 203.0, "mfu": 0.15}}
     llama = {t["target"]: t for t in check("llama-1b", by_recipe)}
-    assert set(llama) == {"averis step ≤ 1.15x bf16", "averis step ≤ 1.02x nvfp4", "BF16 MFU ≥ 40%"}
+    assert set(llama) == {"averis step ≤ 1.15x bf16", "averis step ≤ 1.02x nvfp4-nohadamard", "BF16 MFU ≥ 40%"}
     assert not llama["averis step ≤ 1.15x bf16"]["passed"]
     assert llama["averis step ≤ 1.15x bf16"]["text"] == "MISSED: 2.030x, by 0.880x"
-    assert llama["averis step ≤ 1.02x nvfp4"]["passed"]
-    assert llama["averis step ≤ 1.02x nvfp4"]["text"] == "pass: 1.015x, 0.005x to spare"
+    assert llama["averis step ≤ 1.02x nvfp4-nohadamard"]["passed"]
+    assert llama["averis step ≤ 1.02x nvfp4-nohadamard"]["text"] == "pass: 1.015x, 0.005x to spare"
     assert llama["BF16 MFU ≥ 40%"]["text"] == "MISSED: 30.8%, by 9.2 points"
     qwen = {t["target"]: t for t in check("qwen3-0.6b", {"bf16": by_recipe["bf16"]})}
-    assert set(qwen) == {"averis step ≤ 1.25x bf16", "averis step ≤ 1.02x nvfp4"}
+    assert set(qwen) == {"averis step ≤ 1.25x bf16", "averis step ≤ 1.02x nvfp4-nohadamard"}
     assert qwen["averis step ≤ 1.25x bf16"]["passed"] is None
 
 

@@ -407,7 +407,7 @@ def test_argument_errors_match_reference(kdev):
 
 
 @pytest.mark.parametrize("token_sum", TOKEN_SUMS)
-@pytest.mark.parametrize("recipe", ["nvfp4", "averis", "mxfp4", "nvfp4-rht", "averis-rht"])
+@pytest.mark.parametrize("recipe", ["nvfp4-plain", "averis", "mxfp4", "nvfp4", "averis-rht"])
 def test_linear_step_identical_with_kernels(kdev, reference, monkeypatch, recipe, token_sum):
     """The whole quantized linear (forward + backward): same outputs and gradients bit for bit."""
     monkeypatch.setenv(TOKEN_SUM_SWITCH, token_sum)

@@ -83,7 +83,7 @@ def _recipe_reference(name, x, w, b, gy, signs=None):
         _, rgt = _ref_split(gy.T, 1)
         _, rxt = _ref_split(x.T, 1)
         dw = rgt @ rxt.T + t * np.outer(mu_g, mu_x)
-    else:  # nvfp4-rht: wgrad operands rotated along tokens
+    else:  # nvfp4: wgrad operands rotated along tokens
         y = _ref_nvfp4(x) @ w_hat.T
         dx = _ref_nvfp4(gy) @ w_hat
         gt = ref.rht(gy.T, signs).astype(np.float32)
@@ -92,13 +92,13 @@ def _recipe_reference(name, x, w, b, gy, signs=None):
     return y + b.numpy()[None, :], dx, dw
 
 
-@pytest.mark.parametrize("name", ["averis", "nvfp4-rht"])
+@pytest.mark.parametrize("name", ["averis", "nvfp4"])
 def test_fp4_recipe_matches_numpy_reference(device, name):
     recipe = get_recipe(name, ["grads.rounding=rne"])
     layer = QuantizedLinear(64, 48, recipe=recipe, device=device, dtype=torch.float32)
     x, gy = _data(64, 64, 48, seed=1)
     y, dx, dw, db = _run(layer, x.to(device), gy.to(device))
-    signs = layer.ctx.signs["wgrad"].numpy() if name == "nvfp4-rht" else None
+    signs = layer.ctx.signs["wgrad"].numpy() if name == "nvfp4" else None
     yr, dxr, dwr = _recipe_reference(name, x, layer.weight.detach().cpu(), layer.bias.detach().cpu(), gy, signs)
     for got, want in ((y, yr), (dx, dxr), (dw, dwr)):
         got = got.cpu().double().numpy()
@@ -106,7 +106,7 @@ def test_fp4_recipe_matches_numpy_reference(device, name):
     np.testing.assert_allclose(db.cpu().numpy(), gy.sum(0).numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["nvfp4", "nvfp4-rht", "averis", "averis-rht", "mxfp4"])
+@pytest.mark.parametrize("name", ["nvfp4-plain", "nvfp4", "averis", "averis-rht", "mxfp4"])
 def test_fp4_error_is_bounded(device, name):
     """Stated bound: relative error of Y, dX, dW below 0.25 on mean-biased gaussian data."""
     layer = QuantizedLinear(128, 64, recipe=name, device=device, dtype=torch.float32)
@@ -120,14 +120,14 @@ def test_fp4_error_is_bounded(device, name):
 
 def test_averis_beats_vanilla_on_mean_biased_data(device):
     errs = {}
-    for name in ("nvfp4-rht", "averis"):
+    for name in ("nvfp4", "averis"):
         torch.manual_seed(0)
         layer = QuantizedLinear(256, 128, recipe=name, device=device, dtype=torch.float32)
         x, gy = _data(256, 256, 128, seed=3, mean=6.0)
         got = _run(layer, x.to(device), gy.to(device))[:3]
         want = _float64_reference(layer.weight.cpu(), layer.bias.cpu(), x, gy)
         errs[name] = [((g.cpu().double() - w).norm() / w.norm()).item() for g, w in zip(got, want)]
-    for a, v in zip(errs["averis"], errs["nvfp4-rht"]):
+    for a, v in zip(errs["averis"], errs["nvfp4"]):
         assert a < v, errs
 
 

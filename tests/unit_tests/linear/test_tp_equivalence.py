@@ -7,7 +7,7 @@ from megatron_averis.linear import SINGLE_DEVICE
 from tp_cases import reference_slices, run_linear, tp_worker
 from tp_harness import run_world
 
-CASES = [(r, m, gq) for r in ("averis", "nvfp4-rht") for m in ("column", "row") for gq in (True, False)]
+CASES = [(r, m, gq) for r in ("averis", "nvfp4") for m in ("column", "row") for gq in (True, False)]
 # Stated tolerance: outputs and gradients within 2e-5 x max|ref| (split-K partial sums add in a
 # different order); quantized operands identical except elements whose reference value sits within
 # an FP32 ulp of a rounding boundary: at most 0.1% of an operand.

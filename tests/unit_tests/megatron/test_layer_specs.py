@@ -78,7 +78,7 @@ def test_no_bf16_layers_by_default(mcore_single_process):
 
 
 def test_overlapping_edges_make_every_layer_bf16(mcore_single_process):
-    recipe = get_recipe("nvfp4", ["bf16_first_layers=2", "bf16_last_layers=2"])
+    recipe = get_recipe("nvfp4-plain", ["bf16_first_layers=2", "bf16_last_layers=2"])
     assert layer_kinds(averis_decoder_block_spec(make_config(3), recipe, qk_layernorm=False)) == ["bf16"] * 3
 
 

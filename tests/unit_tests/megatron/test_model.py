@@ -251,7 +251,7 @@ def test_every_recipe_starts_from_the_same_weights(mcore_single_process):
     recipe draws the same random numbers in the same order (RHT signs and SR seeds come from
     their own generators), so the weights equal the BF16 model's bit for bit."""
     weights = {}
-    for name in ("bf16", "nvfp4", "nvfp4-rht", "averis", "averis-rht"):
+    for name in ("bf16", "nvfp4-plain", "nvfp4-nohadamard", "nvfp4", "averis", "averis-rht"):
         model = build(QWEN3, get_recipe(name))
         weights[name] = {k: v.detach().clone() for k, v in model.state_dict().items()
                          if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}

@@ -50,7 +50,7 @@ def _compare(ref, results, world):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("recipe", ["averis", "nvfp4-rht"])
+@pytest.mark.parametrize("recipe", ["averis", "nvfp4"])
 def test_tp2_sp_matches_tp1_nccl(recipe):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")

@@ -113,7 +113,7 @@ def test_native_gemm_switch(monkeypatch):
     with pytest.raises(ValueError, match="emulated"):
         native.mode()
     monkeypatch.setenv(native.SWITCH, "auto")
-    op = core.quantize(LinearContext(recipe=get_recipe("nvfp4")), "input", torch.randn(32, 64),
+    op = core.quantize(LinearContext(recipe=get_recipe("nvfp4-plain")), "input", torch.randn(32, 64),
                        rowwise=True, columnwise=False, row_call=1, col_call=1).rowwise
     assert native.product_for(op, op) is None  # CPU: the emulated product
     monkeypatch.setenv(native.SWITCH, "native")
@@ -141,7 +141,7 @@ def _te_call_pattern(recipe, stream, x, weight, g, call, split_input: bool):
     return outs, ops
 
 
-@pytest.mark.parametrize("name", ["averis", "averis-rht", "nvfp4", "nvfp4-rht", "mxfp4"])
+@pytest.mark.parametrize("name", ["averis", "averis-rht", "nvfp4-plain", "nvfp4-nohadamard", "nvfp4", "mxfp4"])
 @pytest.mark.parametrize("split_input", [False, True])
 def test_adapter_numerics_match_quantized_linear(name, split_input):
     """Same operands (codes, scales, means) and the same Y, dX, dW as QuantizedLinear, two

@@ -20,7 +20,7 @@ from te_cases import TP_SLICES, run_te_linear, te_linear, te_tp_worker
 from tp_harness import run_world
 
 pytestmark = pytest.mark.gpu
-PRESETS = ["averis", "averis-rht", "nvfp4", "nvfp4-rht"]
+PRESETS = ["averis", "averis-rht", "nvfp4-plain", "nvfp4-nohadamard", "nvfp4"]
 OPERAND_ROLES = {"fprop": ("fprop_input", "fprop_weight"), "dgrad": ("dgrad_grad", "dgrad_weight"),
                  "wgrad": ("wgrad_grad", "wgrad_input")}
 
@@ -84,7 +84,7 @@ def test_te_linear_matches_quantized_linear(name):
 
 
 @pytest.mark.parametrize("mode", ["column", "row"])
-@pytest.mark.parametrize("name", ["averis", "nvfp4-rht"])
+@pytest.mark.parametrize("name", ["averis", "nvfp4"])
 def test_te_tp2_sequence_parallel_matches_tp1(mode, name):
     """TE Linear at TP=2 + sequence parallelism (NCCL, 2 GPUs) against TP=1: every rank's
     GEMM operands are its slice of TP=1's (group-wide amax, TP=1 stochastic-rounding
@@ -118,8 +118,8 @@ def test_te_tp2_sequence_parallel_matches_tp1(mode, name):
             assert rel(got, want) <= 1e-2, f"rank {rank} {what}: rel err {rel(got, want):.2e}"
 
 
-@pytest.mark.parametrize("kind,name,tile", [("input", "nvfp4", (1, 16)),
-                                            ("weight", "nvfp4-rht", (16, 16))])
+@pytest.mark.parametrize("kind,name,tile", [("input", "nvfp4-plain", (1, 16)),
+                                            ("weight", "nvfp4", (16, 16))])
 def test_adapter_quantizer_matches_te_reference(kind, name, tile):
     """TE's NVFP4 reference quantizer and the adapter's TE quantizer on the same tensor: the
     codes and E4M3 scales TE's GEMM dispatch reads (data/scale, data_t/scale_t) are identical.
