@@ -81,6 +81,10 @@ class Recipe:
     sr_seed: base seed of the position-keyed stochastic-rounding stream.
     bf16_first_layers / bf16_last_layers: transformer layers kept entirely in BF16 at each end
     (Megatron-LM's --first-last-layers-bf16 with --num-layers-at-start/end-in-bf16).
+    quantize_once: quantize X, W and G once each, along their last dimension, and reuse X̂, Ŵ, Ĝ
+    in all three GEMMs (the Averis authors' code: X̂ = μ + Q(X - 1μᵀ)). Emulation only: dgrad and
+    wgrad then reduce across the blocks, which FP4 tensor cores cannot consume. Needs each
+    tensor's two operand recipes equal and no RHT.
     """
 
     name: str = "bf16"
@@ -97,6 +101,7 @@ class Recipe:
     sr_seed: int = 1234
     bf16_first_layers: int = 0
     bf16_last_layers: int = 0
+    quantize_once: bool = False
 
     def __post_init__(self):
         validate(self)
@@ -144,6 +149,8 @@ class Recipe:
                     s += f" {o.rounding}" + (f" mean-split({o.mean_format})" if o.mean_split else "")
                 parts.append(f"{role}={s}")
             lines.append(f"  {gemm}: " + ", ".join(parts) + (" +RHT" if self.rht(gemm) else ""))
+        if self.quantize_once:
+            lines.append("  each tensor quantized once, reused by all three GEMMs (emulation only)")
         if self.bf16_first_layers or self.bf16_last_layers:
             lines.append(f"  bf16 layers: first {self.bf16_first_layers}, last {self.bf16_last_layers}")
         return "\n".join(lines)
@@ -186,6 +193,16 @@ def validate(r: Recipe) -> None:
                 f"recipe {r.name!r}: {gemm}_rht needs both {roles[0]} and {roles[1]} in FP4 "
                 "(the transform only pays off against quantization error); disable it or quantize both"
             )
+    if r.quantize_once:
+        for a, b in (("fprop_input", "wgrad_input"), ("dgrad_grad", "wgrad_grad"),
+                     ("fprop_weight", "dgrad_weight")):
+            if r.operand(a) != r.operand(b):
+                raise RecipeError(
+                    f"recipe {r.name!r}: quantize_once reuses one quantization of each tensor, so "
+                    f"{a} and {b} must be equal; make them equal or set quantize_once=false")
+        if any(r.rht(g) for g in GEMMS):
+            raise RecipeError(f"recipe {r.name!r}: quantize_once reuses operands across GEMMs with "
+                              "different reduction dimensions, so no GEMM can be rotated; disable the RHT")
     if r.bf16_first_layers < 0 or r.bf16_last_layers < 0:
         raise RecipeError(f"recipe {r.name!r}: bf16_first_layers/bf16_last_layers must be >= 0")
 
@@ -211,6 +228,16 @@ def _nvidia(name: str, rht: bool, mean_split: bool) -> Recipe:
     )
 
 
+def _averis_paper() -> Recipe:
+    """The Averis authors' numerics: each tensor quantized once (1x16 along features, RNE for X and
+    W, SR for G), μ in FP32, the quantized tensors reused by fprop, dgrad and wgrad; no RHT."""
+    x = _fp4(mean_split=True, mean_format="fp32")
+    w = _fp4()
+    g = _fp4(rounding="stochastic", mean_split=True, mean_format="fp32")
+    return Recipe(name="averis-paper", fprop_input=x, wgrad_input=x, fprop_weight=w,
+                  dgrad_weight=w, dgrad_grad=g, wgrad_grad=g, quantize_once=True)
+
+
 def _uniform(name: str, fmt: str) -> Recipe:
     o = _fp4(fmt)
     return Recipe(name=name, **{role: o for role in OPERAND_ROLES})
@@ -225,6 +252,7 @@ PRESETS = {
     "nvfp4-plain": lambda: _uniform("nvfp4-plain", "nvfp4"),
     "averis": lambda: _nvidia("averis", rht=False, mean_split=True),
     "averis-rht": lambda: _nvidia("averis-rht", rht=True, mean_split=True),
+    "averis-paper": _averis_paper,
     "mxfp4": lambda: _uniform("mxfp4", "mxfp4"),
 }
 

@@ -19,6 +19,8 @@ Every rank thereby quantizes with the statistics and random bits the operand wou
 device (see numerics.random), so TP=2+SP reproduces TP=1's operands.
 
 The X operand for wgrad is quantized in forward and saved packed (FP4 codes, not BF16 X).
+Under a quantize-once recipe (averis-paper) X, W and G are quantized once, along features, and
+dgrad/wgrad read them in the other orientation (QuantizedOperand.reoriented, emulation only).
 """
 
 from __future__ import annotations
@@ -161,6 +163,8 @@ def _weight_operands(ctx: LinearContext, weight: torch.Tensor, call: int):
     common = dict(mean_dim=None, tokens_sharded=False, features_sharded=split)
     w_f = _quantize(ctx, "fprop_weight", weight, call, offset=(row_off, col_off),
                     signs=ctx.signs.get("fprop"), **common)
+    if r.quantize_once:
+        return w_f, w_f.reoriented()
     if r.shares_weight_quantization and "fprop" not in ctx.signs and "dgrad" not in ctx.signs:
         return w_f, w_f.t()
     w_d = _quantize(ctx, "dgrad_weight", weight.t(), call, offset=(col_off, row_off),
@@ -190,10 +194,13 @@ class _QuantizedLinear(torch.autograd.Function):
         xq = _quantize(ctx, "fprop_input", x2d, call, mean_dim=0, tokens_sharded=tokens_split,
                        features_sharded=feat_split, offset=(tok_off, feat_off),
                        signs=ctx.signs.get("fprop"))
-        xq_w = _quantize(ctx, "wgrad_input", x2d.t(), call, mean_dim=1,
-                         tokens_sharded=tokens_split, features_sharded=feat_split,
-                         offset=(feat_off, tok_off), signs=ctx.signs.get("wgrad"),
-                         transposed=True, **_shared_stats(ctx, "fprop_input", "wgrad_input", xq))
+        if ctx.recipe.quantize_once:
+            xq_w = xq  # reoriented for wgrad in backward, after any gather
+        else:
+            xq_w = _quantize(ctx, "wgrad_input", x2d.t(), call, mean_dim=1,
+                             tokens_sharded=tokens_split, features_sharded=feat_split,
+                             offset=(feat_off, tok_off), signs=ctx.signs.get("wgrad"),
+                             transposed=True, **_shared_stats(ctx, "fprop_input", "wgrad_input", xq))
         if tokens_split:
             xq = comm.gather_operand(xq, 0)
         w_f, w_d = _weight_operands(ctx, weight, call)
@@ -236,15 +243,21 @@ class _QuantizedLinear(torch.autograd.Function):
         gq = _quantize(ctx, "dgrad_grad", g, call, mean_dim=0, tokens_sharded=tokens_split,
                        features_sharded=feat_split, offset=(tok_off, feat_off),
                        signs=ctx.signs.get("dgrad"))
-        gq_w = _quantize(ctx, "wgrad_grad", g.t(), call, mean_dim=1, tokens_sharded=tokens_split,
-                         features_sharded=feat_split, offset=(feat_off, tok_off),
-                         signs=ctx.signs.get("wgrad"),
-                         transposed=True, **_shared_stats(ctx, "dgrad_grad", "wgrad_grad", gq))
+        once = ctx.recipe.quantize_once
+        if not once:
+            gq_w = _quantize(ctx, "wgrad_grad", g.t(), call, mean_dim=1,
+                             tokens_sharded=tokens_split, features_sharded=feat_split,
+                             offset=(feat_off, tok_off), signs=ctx.signs.get("wgrad"),
+                             transposed=True, **_shared_stats(ctx, "dgrad_grad", "wgrad_grad", gq))
+        # Token-sharded operands are gathered along tokens: dim 0 of X and G, dim 1 of Xᵀ and Gᵀ.
         if tokens_split:
             gq = comm.gather_operand(gq, 0)
-            gq_w = comm.gather_operand(gq_w, 1)
+            if not once:
+                gq_w = comm.gather_operand(gq_w, 1)
         if ctx.mode == "column" and sp and ctx.gather_quantized:
-            xq_w = comm.gather_operand(xq_w, 1)
+            xq_w = comm.gather_operand(xq_w, 0 if once else 1)
+        if once:
+            gq_w, xq_w = gq.reoriented(), xq_w.reoriented()
         ctx.observe(dgrad_grad=gq, dgrad_weight=w_d, wgrad_grad=gq_w, wgrad_input=xq_w)
 
         dx = qgemm(gq, w_d, out_dtype=grad_out.dtype)
@@ -252,7 +265,7 @@ class _QuantizedLinear(torch.autograd.Function):
             dx = comm.reduce_scatter(dx) if sp else comm.all_reduce(dx)
         dx = dx.view(autograd_ctx.x_shape)
 
-        dw = qgemm(gq_w, xq_w)
+        dw = qgemm(gq_w, xq_w, cross_terms=once)
         grad_bias = g.float().sum(0).to(grad_out.dtype) if autograd_ctx.has_bias else None
         if ctx.accumulate_main_grad:
             weight.main_grad.add_(dw)

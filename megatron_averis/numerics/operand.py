@@ -88,6 +88,9 @@ class QuantizedOperand:
     signs: torch.Tensor | None = None
     transposed: bool = False
     amax: torch.Tensor | None = None
+    # FP32 factor of a `bf16` operand that holds scaled FP4 values read in the other orientation
+    # (reoriented()); None for a plain BF16 operand.
+    bf16_scale: torch.Tensor | None = None
     # values() and mean_fp32() are read by several GEMM terms: computed once (launches, not math).
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -107,6 +110,8 @@ class QuantizedOperand:
         """FP32 factor applied to the GEMM result for this operand."""
         if self.qt is not None:
             return self.qt.tensor_scale
+        if self.bf16_scale is not None:
+            return self.bf16_scale
         return torch.ones((), dtype=torch.float32, device=self.bf16.device)
 
     def mean_fp32(self) -> torch.Tensor | None:
@@ -118,7 +123,7 @@ class QuantizedOperand:
 
     def dequantize(self, unrotate: bool = True) -> torch.Tensor:
         """The represented operand in FP64: R̂ plus the mean term, rotated back when `unrotate`."""
-        x = self.qt.dequantize() if self.qt is not None else self.bf16.double()
+        x = self.qt.dequantize() if self.qt is not None else self.bf16.double() * self.scale().double()
         m = self.mean_fp32()
         if m is not None:
             if self.mean_dim == 0:
@@ -137,6 +142,18 @@ class QuantizedOperand:
         return QuantizedOperand(
             shape=(self.shape[1], self.shape[0]), qt=self.qt.t(), transposed=not self.transposed
         )
+
+    def reoriented(self) -> "QuantizedOperand":
+        """The same quantized tensor as the operand of a GEMM that reduces along its other
+        dimension (quantize-once recipes): values, scale and mean are reused, nothing is
+        requantized. The blocks then lie across the reduction dimension, which FP4 tensor cores
+        cannot consume, so the result is a BF16-valued operand of the emulation only."""
+        if self.signs is not None:
+            raise ValueError("a rotated operand cannot be reoriented: its rotation runs along K")
+        return QuantizedOperand(
+            shape=(self.shape[1], self.shape[0]), bf16=self.values().t(), mean=self.mean,
+            mean_dim=None if self.mean_dim is None else 1 - self.mean_dim,
+            transposed=not self.transposed, bf16_scale=self.scale())
 
     def payload(self) -> list[torch.Tensor]:
         """The tensors that represent this operand (what a collective moves)."""

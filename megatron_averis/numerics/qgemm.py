@@ -24,7 +24,8 @@ When both operands carry a mean along the reduction dimension (wgrad with both s
 terms are dropped: R·e = 0 holds exactly for the unquantized residual, so (R̂·e) is pure
 quantization error, and omitting it gives dW = R̂_G·R̂_Xᵀ + T·μ_G·μ_Xᵀ, the exact rank-one
 restoration of the paper. In fprop/dgrad only the weight-side GEMV (Ŵ·μ) is needed: a vector,
-not a second GEMM.
+not a second GEMM. `cross_terms=True` keeps them: the product of the whole reconstructed operands
+(μ + R̂), as quantize-once recipes compute wgrad from the X̂ and Ĝ of fprop and dgrad.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def _rowwise_dot(op: QuantizedOperand, v: torch.Tensor) -> torch.Tensor:
 
 
 def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = None,
-          out_dtype: torch.dtype = torch.float32, product=None) -> torch.Tensor:
+          out_dtype: torch.dtype = torch.float32, product=None,
+          cross_terms: bool = False) -> torch.Tensor:
     """[M, N] = A·Bᵀ (+ bias along N) as the FP4 hardware computes it, with exact Averis
     rank-one terms, in FP32 and then rounded once to `out_dtype`."""
     if a.shape[1] != b.shape[1]:
@@ -143,7 +145,7 @@ def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = 
             ones["e"] = ones_along_k(k, a.signs, device)
         return ones["e"]
 
-    both_reduction = a.mean_dim == 1 and b.mean_dim == 1
+    both_reduction = a.mean_dim == 1 and b.mean_dim == 1 and not cross_terms
     if mb is not None and not both_reduction:
         if b.mean_dim == 0:
             terms.append(MeanTerm(row=_rowwise_dot(a, mb)))

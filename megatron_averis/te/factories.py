@@ -14,12 +14,20 @@ This module imports without TE; TE is imported when a factory is first called.
 
 from __future__ import annotations
 
-from megatron_averis.recipes import Recipe, get_recipe
+from megatron_averis.recipes import Recipe, RecipeError, get_recipe
 from megatron_averis.te.availability import require_te
 from megatron_averis.te.binding import LayerRegistry, find_calling_module
 from megatron_averis.te.roles import slot_spec
 
 TE_PRESETS = ("averis", "averis-rht", "nvfp4", "nvfp4-nohadamard", "nvfp4-plain")
+
+
+def check_te_recipe(recipe: Recipe) -> None:
+    """TE quantizes each tensor per usage (row- and column-wise), so recipes that reuse one
+    quantization across GEMMs cannot run through it."""
+    if recipe.quantize_once:
+        raise RecipeError(f"recipe {recipe.name!r} reuses one quantization of each tensor in all "
+                          "three GEMMs (emulation only); run it with --transformer-impl local")
 
 
 class QFactory:
@@ -31,6 +39,7 @@ class QFactory:
 
     def __init__(self, recipe: Recipe | str, first_stream: int = 0):
         self.recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+        check_te_recipe(self.recipe)
         self.layers = LayerRegistry(self.recipe, first_stream)
 
     def spec(self, role):

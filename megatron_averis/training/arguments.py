@@ -468,6 +468,13 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
 
     if args.transformer_impl == "transformer_engine":
         problems += _transformer_engine_problems()
+        if recipe is not None:
+            from megatron_averis.te.factories import check_te_recipe
+
+            try:
+                check_te_recipe(recipe)
+            except RecipeError as e:
+                problems.append(str(e))
 
     # Learning-rate schedule.
     if args.lr <= 0:

@@ -90,7 +90,7 @@ def test_bf16_operand_rejects_fp4_options():
         get_recipe("bf16", ["fprop_input.mean_split=true"])
     with pytest.raises(RecipeError, match="unknown recipe"):
         get_recipe("fp3")
-    assert sorted(PRESETS) == sorted(["bf16", "nvfp4", "nvfp4-nohadamard", "nvfp4-plain", "averis", "averis-rht", "mxfp4"])
+    assert sorted(PRESETS) == sorted(["bf16", "nvfp4", "nvfp4-nohadamard", "nvfp4-plain", "averis", "averis-rht", "averis-paper", "mxfp4"])
 
 
 def test_shape_checks():
@@ -118,3 +118,25 @@ def test_deprecated_name_resolves_with_a_warning():
     with pytest.warns(FutureWarning, match="'nvfp4-rht' is deprecated and now called 'nvfp4'"):
         r = get_recipe("nvfp4-rht")
     assert r == get_recipe("nvfp4")
+
+
+def test_averis_paper_recipe():
+    """The authors' numerics: 1x16 blocks everywhere, RNE for X and W, SR for G, μ in FP32, each
+    tensor quantized once, no RHT."""
+    r = get_recipe("averis-paper")
+    assert r.quantize_once and not any(r.rht(g) for g in ("fprop", "dgrad", "wgrad"))
+    for role in OPERAND_ROLES:
+        o = r.operand(role)
+        assert (o.format, o.block) == ("nvfp4", (1, 16))
+        assert o.rounding == ("stochastic" if role in GRAD else "rne")
+        assert o.mean_split == (role not in W) and (o.mean_format == "fp32" or role in W)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["wgrad_grad.rounding=rne"], "dgrad_grad and wgrad_grad must be equal"),
+    (["dgrad_weight.block_2d=true"], "fprop_weight and dgrad_weight must be equal"),
+    (["inputs.mean_split=false", "wgrad_rht=true"], "no GEMM can be rotated"),
+])
+def test_quantize_once_needs_one_recipe_per_tensor(overrides, match):
+    with pytest.raises(RecipeError, match=match):
+        get_recipe("averis-paper", overrides)

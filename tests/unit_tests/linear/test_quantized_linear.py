@@ -139,3 +139,43 @@ def test_shape_errors_before_work():
         layer(torch.randn(24, 64))
     with pytest.raises(ValueError, match="input features"):
         layer(torch.randn(32, 48))
+
+
+def _metis(a):
+    """The Averis authors' quantizer, float64: me + Q(a - me), me the FP32 mean over tokens
+    (rows), Q NVFP4 with 1x16 blocks along features and RNE."""
+    a = np.asarray(a, np.float32)
+    me = a.astype(np.float64).mean(0).astype(np.float32)
+    return me.astype(np.float64)[None, :] + _ref_nvfp4(a - me[None, :])
+
+
+def test_averis_paper_matches_the_authors_formula(device):
+    """averis-paper (gradients with RNE here, so the reference is deterministic): X̂, Ŵ, Ĝ are
+    quantized once along features and reused: Y = X̂Ŵᵀ, dX = ĜŴ, dW = ĜᵀX̂."""
+    recipe = get_recipe("averis-paper", ["grads.rounding=rne"])
+    layer = QuantizedLinear(64, 48, recipe=recipe, device=device, dtype=torch.float32)
+    x, gy = _data(64, 64, 48, seed=4)
+    y, dx, dw, _ = _run(layer, x.to(device), gy.to(device))
+    w = layer.weight.detach().cpu().numpy()
+    x_hat, g_hat, w_hat = _metis(x.numpy()), _metis(gy.numpy()), _ref_nvfp4(w)
+    b = layer.bias.detach().cpu().double().numpy()
+    for got, want in ((y, x_hat @ w_hat.T + b[None, :]), (dx, g_hat @ w_hat), (dw, g_hat.T @ x_hat)):
+        got = got.cpu().double().numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_averis_paper_reuses_one_stochastic_quantization_of_g(device):
+    """With SR the same Ĝ (and X̂, Ŵ) must enter dgrad and wgrad: the products of the observed
+    operands, composed in float64, give dX and dW."""
+    seen = {}
+    layer = QuantizedLinear(64, 48, recipe="averis-paper", device=device, dtype=torch.float32)
+    layer.ctx.observer = lambda role, op: seen.__setitem__(role, op.dequantize().cpu())
+    x, gy = _data(64, 64, 48, seed=5)
+    _, dx, dw, _ = _run(layer, x.to(device), gy.to(device))
+    g_hat, x_hat, w_hat = seen["dgrad_grad"], seen["fprop_input"], seen["fprop_weight"]
+    assert torch.equal(seen["wgrad_grad"], g_hat.t()) and torch.equal(seen["wgrad_input"], x_hat.t())
+    assert torch.equal(seen["dgrad_weight"], w_hat.t())
+    assert not torch.equal(g_hat, torch.from_numpy(_metis(gy.numpy())))  # SR, not RNE
+    for got, want in ((dx, g_hat @ w_hat), (dw, g_hat.t() @ x_hat)):
+        np.testing.assert_allclose(got.cpu().double().numpy(), want.numpy(), rtol=0,
+                                   atol=1e-5 * want.abs().max().item())

@@ -7,12 +7,15 @@ from megatron_averis.linear import SINGLE_DEVICE
 from tp_cases import reference_slices, run_linear, tp_worker
 from tp_harness import run_world
 
-CASES = [(r, m, gq) for r in ("averis", "nvfp4") for m in ("column", "row") for gq in (True, False)]
+CASES = [(r, m, gq) for r in ("averis", "nvfp4", "averis-paper") for m in ("column", "row") for gq in (True, False)]
 # Stated tolerance: outputs and gradients within 2e-5 x max|ref| (split-K partial sums add in a
 # different order); quantized operands identical except elements whose reference value sits within
 # an FP32 ulp of a rounding boundary: at most 0.1% of an operand.
 OUT_TOL = 2e-5
 MAX_BOUNDARY_FRACTION = 1e-3
+# averis-paper keeps μ in FP32: the all-reduced partial sums give μ to within a few FP32 ulps of
+# the single-device sum (summation order), so every element of μ + R̂ may move by that much.
+OPERAND_RTOL = {"averis-paper": 1e-6}
 
 
 def compare(results, world, device="cpu"):
@@ -29,7 +32,8 @@ def compare(results, world, device="cpu"):
             for role, op in got["ops"].items():
                 want = ref["ops"][role][sl[role]]
                 assert op.shape == want.shape, (role, op.shape, want.shape)
-                mism = (op != want).sum().item()
+                tol = OPERAND_RTOL.get(recipe, 0.0) * want.abs().max().item()
+                mism = ((op - want).abs() > tol).sum().item()
                 report[(recipe, mode, gq, rank, role)] = mism
                 assert mism <= MAX_BOUNDARY_FRACTION * want.numel(), (recipe, mode, gq, rank, role, mism)
     return report

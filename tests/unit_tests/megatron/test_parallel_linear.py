@@ -41,7 +41,7 @@ def test_bf16_recipe_is_the_parent(mcore_single_process):
     assert col.linear_ctx is None and row.linear_ctx is None
 
 
-@pytest.mark.parametrize("recipe", ["averis", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("recipe", ["averis", "nvfp4", "mxfp4", "averis-paper"])
 def test_fp4_layers_match_the_single_device_linear(mcore_single_process, recipe):
     """Same weights, same stream id → the same result as QuantizedLinear (mode 'none')."""
     torch.manual_seed(0)

@@ -164,3 +164,10 @@ def test_adapter_numerics_match_quantized_linear(name, split_input):
             assert torch.equal(ops[role].dequantize(), seen[role].dequantize()), role
         for got, want in zip(outs, (y, x.grad, lin.weight.grad)):
             assert torch.equal(got, want)
+
+
+def test_quantize_once_recipes_are_refused_by_the_te_route():
+    from megatron_averis.recipes import RecipeError
+
+    with pytest.raises(RecipeError, match="--transformer-impl local"):
+        factories.QFactory("averis-paper")
