@@ -103,6 +103,7 @@ def _info(config: dict) -> dict:
         "model_preset": config.get("model_preset"),
         "seq_length": config.get("seq_length"),
         "global_batch_size": config.get("global_batch_size"),
+        "seed": config.get("seed"),
     }.items() if v is not None}
 
 

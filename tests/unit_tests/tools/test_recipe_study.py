@@ -1,0 +1,112 @@
+"""Recipe studies over seeds: Student's t against closed forms, the summary against numpy, and
+the launcher running real (tiny, CPU) training jobs, resuming nothing twice."""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from megatron_averis.diagnostics.runs import Curve, Run, load_run
+from megatron_averis.diagnostics.seeds import (betainc, by_recipe_and_seed, paired, summary_markdown,
+                                               t_two_sided_p)
+
+
+@pytest.mark.parametrize("t", [0.1, 0.8, 2.0, 5.0, 40.0])
+def test_t_p_value_against_closed_forms(t):
+    # df = 1 is Cauchy; df = 2 has F(t) = 1/2 + t / (2 sqrt(2 + t^2)).
+    assert t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), rel=1e-10)
+    assert t_two_sided_p(-t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-10)
+
+
+@pytest.mark.parametrize("df,t_crit", [(4, 2.7764451), (10, 2.2281389), (2, 4.3026527)])
+def test_t_p_value_at_tabulated_critical_values(df, t_crit):
+    assert t_two_sided_p(t_crit, df) == pytest.approx(0.05, abs=1e-6)
+
+
+@pytest.mark.parametrize("a,b,x", [(0.5, 0.5, 0.3), (2.0, 3.0, 0.7), (5.0, 0.5, 0.9)])
+def test_betainc_against_numerical_integration(a, b, x):
+    # substitute u^(1/a) to remove the endpoint singularity; Simpson on a fine grid
+    u = np.linspace(0, x ** a, 200_001)
+    f = (1 - u ** (1 / a)) ** (b - 1) / a
+    h = u[1] - u[0]
+    integral = h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    beta = math.exp(math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    assert betainc(a, b, x) == pytest.approx(integral / beta, rel=1e-6)
+
+
+def _run(recipe, seed, train, valid):
+    steps = np.arange(1, len(train) + 1)
+    return Run(f"{recipe}-{seed}", "test", {"train": Curve(steps, np.array(train, float)),
+                                            "valid": Curve(steps[-1:], np.array([valid], float))},
+               {"recipe": recipe, "seed": seed})
+
+
+def test_paired_comparison_and_summary_against_numpy():
+    rng = np.random.default_rng(0)
+    runs, lv = [], {}
+    for seed in (1, 2, 3, 4):
+        for recipe, shift in (("bf16", 0.0), ("averis", 0.05), ("nvfp4-nohadamard", 0.08)):
+            train = 3 + shift + rng.normal(0, 0.01, 20)
+            lv[(recipe, seed)] = 2.9 + shift + rng.normal(0, 0.02)
+            runs.append(_run(recipe, seed, train, lv[(recipe, seed)]))
+    table = by_recipe_and_seed(runs, "valid", 10)
+    pr = paired(table, "averis", "nvfp4-nohadamard", "valid")
+    d = np.array([(lv[("averis", s)] - lv[("nvfp4-nohadamard", s)]) / lv[("nvfp4-nohadamard", s)]
+                  for s in (1, 2, 3, 4)])
+    t = d.mean() / (d.std(ddof=1) / 2)
+    assert (pr.n, pr.a_better) == (4, int((d < 0).sum()))
+    assert pr.mean == pytest.approx(d.mean()) and pr.t == pytest.approx(t)
+    assert pr.p == pytest.approx(t_two_sided_p(t, 3))
+    # the train loss is the mean of the last 10% of 20 steps: steps 18-20
+    train = by_recipe_and_seed(runs, "train", 10)
+    assert train["averis"][2] == pytest.approx(runs[4].curve("train").values[17:].mean())
+    text = summary_markdown(runs, "bf16", [("averis", "nvfp4-nohadamard")], 10)
+    gaps = 100 * np.array([(lv[("averis", s)] - lv[("bf16", s)]) / lv[("bf16", s)] for s in (1, 2, 3, 4)])
+    row = next(ln for ln in text.splitlines() if ln.startswith("| averis | 4 |"))
+    assert f"{gaps.mean():+.2f} ± {gaps.std(ddof=1):.4f}" in row
+    assert f"| averis vs nvfp4-nohadamard | valid | 4 | {100 * d.mean():+.3f} |" in text
+
+
+def test_duplicate_seed_is_an_error():
+    runs = [_run("bf16", 1, [3, 2], 2.0), _run("bf16", 1, [3, 2], 2.0)]
+    with pytest.raises(ValueError, match="two runs of recipe 'bf16' with seed 1"):
+        by_recipe_and_seed(runs, "train", 10)
+
+
+@pytest.mark.slow
+def test_launch_runs_every_job_then_skips_finished_ones(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "training"))
+    from megatron_averis.data.embedded import prepare_embedded_corpus
+    from megatron_averis.diagnostics import study
+
+    corpus = prepare_embedded_corpus(str(tmp_path / "corpus"), vocab_size=1024)
+    monkeypatch.setenv("DIST_OPT", "0")
+    monkeypatch.setenv("TRAIN_ITERS", "3")
+    monkeypatch.setenv("EVAL_ITERS", "1")
+    monkeypatch.setenv("EVAL_INTERVAL", "3")
+    monkeypatch.setenv("LOG_INTERVAL", "1")
+    extra = ["--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+             "--tokenizer-model", corpus["tokenizer_model"], "--train-data-path", corpus["train_prefix"],
+             "--valid-data-path", corpus["valid_prefix"], "--num-workers", "0", "--wandb-mode", "disabled"]
+    out = str(tmp_path / "study")
+    jobs = study.plan("tiny", ["nvfp4-plain", "averis"], [1, 2], out)
+    assert [j.name for j in jobs] == ["tiny-nvfp4-plain-s1", "tiny-averis-s1", "tiny-nvfp4-plain-s2",
+                                      "tiny-averis-s2"]
+    report = study.launch(jobs, [0], 2, extra, deadline_s=600, poll_s=0.5, out=lambda *_: None)
+    assert sorted(report["finished"]) == sorted(j.name for j in jobs) and not report["failed"]
+    for job in jobs:
+        with open(os.path.join(job.run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            start = json.loads(f.readline())
+        assert start["config"]["seed"] == job.seed and start["config"]["recipe"]["name"] == job.recipe
+    again = study.launch(study.plan("tiny", ["nvfp4-plain", "averis"], [1, 2], out), [0], 2, extra,
+                         deadline_s=600, poll_s=0.5, out=lambda *_: None)
+    assert again["skipped"] == 4 and not again["finished"]
+    runs = [load_run(j.run_dir) for j in jobs]
+    table = by_recipe_and_seed(runs, "valid", 10)
+    assert set(table) == {"nvfp4-plain", "averis"} and set(table["averis"]) == {1, 2}
+    assert study.main(["summarize", out, "--baseline", "nvfp4-plain", "--pairs", "averis:nvfp4-plain",
+                       "--out", str(tmp_path / "summary")]) == 0
+    assert os.path.getsize(tmp_path / "summary.png") > 0
