@@ -67,9 +67,10 @@ class Job:
         return rec is not None and rec.get("event") == "end"
 
 
-def plan(model: str, recipes: list[str], seeds: list[int], out_dir: str) -> list[Job]:
-    """Seed-major order: every recipe of the first seed before the next seed."""
-    return [Job(model, r, s, out_dir) for s in seeds for r in recipes]
+def plan(models: str | list[str], recipes: list[str], seeds: list[int], out_dir: str) -> list[Job]:
+    """Seed-major order: every model and recipe of the first seed before the next seed."""
+    models = [models] if isinstance(models, str) else models
+    return [Job(m, r, s, out_dir) for s in seeds for m in models for r in recipes]
 
 
 def _start(job: Job, gpu: int, port: int, extra: list[str]) -> None:
@@ -142,6 +143,34 @@ def launch(jobs: list[Job], gpus: list[int], per_gpu: int, extra: list[str], dea
             "stopped": stopped, "queued": [j.name for j in todo], "skipped": skipped}
 
 
+def mean_bias_by_model(analyses: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per model: the median μ-to-residual ratio of its linear layers' inputs and output
+    gradients, from tools/analyze_mean_bias.py CSVs (the last step in each)."""
+    import csv
+
+    import numpy as np
+
+    out = {}
+    for model, path in analyses.items():
+        with open(path, encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            raise ValueError(f"{path}: no rows; is it a tools/analyze_mean_bias.py CSV?")
+        last = max(int(r["step"]) for r in rows)
+        ratios = {op: [float(r["mean_to_residual"]) for r in rows
+                       if int(r["step"]) == last and r["operand"] == op] for op in ("input", "grad")}
+        out[model] = {f"{op}_median": float(np.median(v)) if v else float("nan")
+                      for op, v in ratios.items()}
+        out[model]["step"] = last
+    return out
+
+
+def pick_model(stats: dict[str, dict[str, float]]) -> str:
+    """The model whose inputs carry the largest mean relative to their residual (the operands
+    where the split removes most error; gradient means are an order of magnitude smaller)."""
+    return max(stats, key=lambda m: stats[m]["input_median"])
+
+
 def _pair(text: str) -> tuple[str, str]:
     a, sep, b = text.partition(":")
     if not sep or not a or not b:
@@ -153,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
     la = sub.add_parser("launch", help="run recipe x seed jobs on the GPUs of this machine")
-    la.add_argument("--model", required=True)
+    la.add_argument("--model", nargs="+", required=True, help="model preset(s)")
     la.add_argument("--recipes", nargs="+", required=True)
     la.add_argument("--seeds", nargs="+", type=int, required=True)
     la.add_argument("--gpus", nargs="+", type=int, default=[0])
@@ -163,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop (with a checkpoint) jobs still running after this many minutes")
     la.add_argument("--port-base", type=int, default=29600)
     la.add_argument("extra", nargs=argparse.REMAINDER, help="-- then flags for every run")
+    pm = sub.add_parser("pick-model", help="the model with the largest input mean-to-residual "
+                        "ratio, from tools/analyze_mean_bias.py CSVs")
+    pm.add_argument("analyses", nargs="+", metavar="MODEL=CSV")
+    pm.add_argument("--out", default=None, help="also write the table as JSON")
     su = sub.add_parser("summarize", help="loss per recipe over seeds and paired comparisons")
     su.add_argument("runs", nargs="+", help="run directories, or a directory of run directories")
     su.add_argument("--baseline", default="bf16")
@@ -201,6 +234,20 @@ def main(argv=None) -> int:
         report = launch(jobs, a.gpus, a.per_gpu, extra, a.deadline_min * 60, a.port_base)
         print(json.dumps(report, indent=1))
         return 1 if report["failed"] else 0
+    if a.command == "pick-model":
+        pairs = [x.partition("=") for x in a.analyses]
+        if any(not sep for _, sep, _ in pairs):
+            raise SystemExit("pick-model takes MODEL=CSV arguments")
+        stats = mean_bias_by_model({m: path for m, _, path in pairs})
+        choice = pick_model(stats)
+        for m, st in stats.items():
+            print(f"{m}: median mean-to-residual, inputs {st['input_median']:.4f}, "
+                  f"gradients {st['grad_median']:.4f} (step {st['step']})", file=sys.stderr)
+        if a.out:
+            with open(a.out, "w", encoding="utf-8") as f:
+                json.dump({"chosen": choice, "models": stats}, f, indent=1)
+        print(choice)
+        return 0
     from megatron_averis.diagnostics.compare import plot, require_matplotlib
     from megatron_averis.diagnostics.runs import load_run
     from megatron_averis.diagnostics.seeds import summary_markdown

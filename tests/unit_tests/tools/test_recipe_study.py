@@ -110,3 +110,21 @@ def test_launch_runs_every_job_then_skips_finished_ones(tmp_path, monkeypatch):
     assert study.main(["summarize", out, "--baseline", "nvfp4-plain", "--pairs", "averis:nvfp4-plain",
                        "--out", str(tmp_path / "summary")]) == 0
     assert os.path.getsize(tmp_path / "summary.png") > 0
+
+
+def test_pick_model_takes_the_largest_median_input_ratio(tmp_path, capsys):
+    from megatron_averis.diagnostics import study
+
+    header = "step,module,layer,linear,operand,tokens,features,mean_to_residual\n"
+    paths = {}
+    for model, inputs in (("a", [0.1, 0.5, 0.2]), ("b", [0.3, 0.35, 0.9])):
+        rows = [f"10,m{i},{i},fc1,input,8,16,9.9" for i in range(3)]  # an earlier step: ignored
+        rows += [f"20,m{i},{i},fc1,input,8,16,{v}" for i, v in enumerate(inputs)]
+        rows += [f"20,m{i},{i},fc1,grad,8,16,0.01" for i in range(3)]
+        paths[model] = tmp_path / f"{model}.csv"
+        paths[model].write_text(header + "\n".join(rows) + "\n")
+    assert study.main(["pick-model"] + [f"{m}={p}" for m, p in paths.items()]
+                      + ["--out", str(tmp_path / "pick.json")]) == 0
+    assert capsys.readouterr().out.strip() == "b"  # medians 0.2 vs 0.35
+    picked = json.loads((tmp_path / "pick.json").read_text())
+    assert picked["models"]["a"]["input_median"] == pytest.approx(0.2)
