@@ -5,7 +5,7 @@
 #                                `python -m megatron_averis.pretrain`
 #
 # MODEL:  qwen3-0.6b | llama-1b | qwen3-9m | qwen3-25m | qwen3-38m | qwen3-75m | tiny
-# RECIPE: bf16 | nvfp4 | nvfp4-nohadamard | nvfp4-plain | averis | averis-rht | mxfp4, or fp32 (FP32 parameters,
+# RECIPE: bf16 | nvfp4 | nvfp4-nohadamard | nvfp4-plain | averis | averis-rht | averis-paper | mxfp4, or fp32 (FP32 parameters,
 #         unquantized GEMMs: CPUs, where BF16 arithmetic is slow)
 #
 # Every value below can be overridden from the environment (e.g. TRAIN_ITERS=200 LR=3e-4), and
@@ -37,13 +37,12 @@ model_defaults() {
 }
 
 recipe_args() {
+    # FP4 recipe names are checked by the trainer (megatron_averis.recipes.PRESETS), one place.
     case "$1" in
         fp32) echo "" ;;
         bf16) echo "--bf16" ;;
-        nvfp4|nvfp4-nohadamard|nvfp4-plain|averis|averis-rht|mxfp4) echo "--fp4-recipe $1" ;;
-        nvfp4-rht) echo "recipe 'nvfp4-rht' is deprecated and now called 'nvfp4'" >&2; echo "--fp4-recipe nvfp4" ;;
-        *) echo "unknown recipe '$1': choose bf16, nvfp4, nvfp4-nohadamard, nvfp4-plain, averis, averis-rht, mxfp4 or fp32" >&2
-           return 2 ;;
+        "") echo "a recipe is needed: bf16, fp32 or an FP4 recipe (docs/recipes.md)" >&2; return 2 ;;
+        *) echo "--fp4-recipe $1" ;;
     esac
 }
 

@@ -155,7 +155,7 @@ def summary_markdown(runs: list[Run], baseline: str, pairs: list[tuple[str, str]
             cells.append(_mean_std(vals, ".4f"))
             if baseline in tables[split] and recipe != baseline:
                 gaps = np.array(list(paired(tables[split], recipe, baseline, split).diffs.values()))
-                cells.append(_mean_std(100 * gaps, "+.2f"))
+                cells.append(_mean_std(100 * gaps, "+.2f", ".2f"))
             else:
                 cells.append("—")
         out.append("| " + " | ".join(cells) + " |")
@@ -165,6 +165,10 @@ def summary_markdown(runs: list[Run], baseline: str, pairs: list[tuple[str, str]
         out.append("| A vs B | split | seeds | mean d % | std d % | t | p | seeds with A lower |")
         out.append("|---|---|---|---|---|---|---|---|")
         for a, b in pairs:
+            missing = [r for r in (a, b) if r not in tables["train"]]
+            if missing:
+                out.append(f"| {a} vs {b} | – | 0 | not run: {', '.join(missing)} | | | | |")
+                continue
             for split in SPLITS:
                 pr = paired(tables[split], a, b, split)
                 out.append(f"| {a} vs {b} | {split} | {pr.n} | {_fmt(100 * pr.mean, '+.3f')} | "
@@ -173,10 +177,10 @@ def summary_markdown(runs: list[Run], baseline: str, pairs: list[tuple[str, str]
     return "\n".join(out) + "\n"
 
 
-def _mean_std(vals: np.ndarray, spec: str) -> str:
+def _mean_std(vals: np.ndarray, spec: str, std_spec: str = ".4f") -> str:
     if vals.size == 0:
         return "–"
     if vals.size == 1:
         return format(float(vals[0]), spec)
-    return (f"{format(float(vals.mean()), spec)} ± {float(vals.std(ddof=1)):.4f} "
+    return (f"{format(float(vals.mean()), spec)} ± {format(float(vals.std(ddof=1)), std_spec)} "
             f"[{format(float(vals.min()), spec)}, {format(float(vals.max()), spec)}]")
