@@ -64,6 +64,35 @@ def window_mean(curve: Curve, end: int, last_percent: float) -> float:
     return float(np.mean(curve.values[sel])) if np.size(sel) and np.any(sel) else math.nan
 
 
+def max_step_difference(run: Curve, base: Curve) -> tuple[float, int]:
+    """(max over the steps both logged of |L − L_base| / L_base, the step where it occurs): the
+    per-step agreement of two runs that should compute the same thing (parallel layouts)."""
+    steps, ia, ib = np.intersect1d(run.steps, base.steps, return_indices=True)
+    if steps.size == 0:
+        return math.nan, 0
+    rel = np.abs(run.values[ia] - base.values[ib]) / np.abs(base.values[ib])
+    i = int(np.argmax(rel))
+    return float(rel[i]), int(steps[i])
+
+
+def per_step_table(runs: list[Run], baseline: str) -> str:
+    """Markdown: each run's largest per-step training-loss difference from the baseline, and the
+    last common step's losses."""
+    base = next(r for r in runs if r.label == baseline)
+    lines = [f"| run vs {baseline} | max per-step train-loss difference | at step | last step: "
+             f"{baseline} / run |", "|---|---|---|---|"]
+    for r in runs:
+        if r is base:
+            continue
+        diff, step = max_step_difference(r.curve("train"), base.curve("train"))
+        common = np.intersect1d(r.curve("train").steps, base.curve("train").steps)
+        last = ("–" if common.size == 0 else
+                f"{base.curve('train').values[base.curve('train').steps == common[-1]][0]:.4f} / "
+                f"{r.curve('train').values[r.curve('train').steps == common[-1]][0]:.4f}")
+        lines.append(f"| {r.label} | {_fmt(100 * diff, '.3f')}% | {step} | {last} |")
+    return "\n".join(lines) + "\n"
+
+
 def gap_rows(runs: list[Run], baseline: str, last_percent: float) -> list[dict]:
     base = next((r for r in runs if r.label == baseline), None)
     if base is None:
@@ -198,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="compare",
                    help="output prefix: writes OUT.png and OUT.md")
     p.add_argument("--title", default=None)
+    p.add_argument("--per-step", action="store_true",
+                   help="also each run's largest per-step loss difference from the baseline "
+                        "(OUT-per-step.md): for runs that should agree step by step")
     return p
 
 
@@ -230,5 +262,10 @@ def main(argv=None) -> int:
     with open(a.out + ".md", "w", encoding="utf-8") as f:
         f.write(table)
     print(table)
+    if a.per_step:
+        steps_table = per_step_table(runs, baseline)
+        with open(a.out + "-per-step.md", "w", encoding="utf-8") as f:
+            f.write(steps_table)
+        print(steps_table)
     print(f"wrote {a.out}.png and {a.out}.md")
     return 0

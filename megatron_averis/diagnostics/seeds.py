@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_averis.diagnostics.compare import window_mean
+from megatron_averis.diagnostics.compare import _fmt, window_mean
 from megatron_averis.diagnostics.runs import SPLITS, Run
 
 
@@ -130,10 +130,6 @@ def paired(table: dict[str, dict[int, float]], a: str, b: str, split: str) -> Pa
     diffs = {s: (table[a][s] - table[b][s]) / table[b][s] for s in seeds
              if math.isfinite(table[a][s]) and math.isfinite(table[b][s])}
     return Paired(a, b, split, diffs)
-
-
-def _fmt(x: float, spec: str) -> str:
-    return "–" if x is None or not math.isfinite(x) else format(x, spec)
 
 
 def summary_markdown(runs: list[Run], baseline: str, pairs: list[tuple[str, str]],

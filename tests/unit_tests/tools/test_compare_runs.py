@@ -195,3 +195,17 @@ def test_matplotlib_missing_is_named(monkeypatch, tiny_runs, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     assert compare.main([tiny_runs["bf16"], "--out", str(tmp_path / "x")]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_max_step_difference_and_per_step_table():
+    import numpy as np
+
+    from megatron_averis.diagnostics.compare import max_step_difference, per_step_table
+    from megatron_averis.diagnostics.runs import Curve, Run
+
+    base = Curve(np.array([1, 2, 3, 4]), np.array([4.0, 3.0, 2.0, 1.0]))
+    run = Curve(np.array([2, 3, 4, 5]), np.array([3.03, 2.0, 1.005, 0.5]))  # step 5: not common
+    diff, step = max_step_difference(run, base)
+    assert step == 2 and diff == pytest.approx(0.01)
+    table = per_step_table([Run("ref", "t", {"train": base}), Run("tp2", "t", {"train": run})], "ref")
+    assert "| tp2 | 1.000% | 2 | 1.0000 / 1.0050 |" in table
