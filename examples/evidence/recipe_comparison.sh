@@ -39,15 +39,20 @@ lr_for() {  # peak LR of MODEL: 1e-4 x 1024 / hidden, unless LR is set
     python3 -c "from megatron_averis.training.presets import get_preset as g; print(f'{1e-4 * 1024 / g(\"$1\").arch.hidden_size:.3g}')"
 }
 
-launch() {  # MODEL(S) RECIPES...: one launch per model (each has its own LR)
-    local models=$1 recipes=$2 model lr
+launch() {  # "MODEL..." "RECIPE...": one launcher per model (each has its own LR), concurrently
+    local models=$1 recipes=$2 model lr port=29600 rc=0
+    local -a pids=()
     for model in $models; do
         lr=$(lr_for "$model")
         # shellcheck disable=SC2086  # word lists
         LR=$lr MIN_LR=$(python3 -c "print(f'{$lr / 10:.3g}')") python3 tools/recipe_study.py launch \
             --model "$model" --recipes $recipes --seeds $SEEDS --gpus $GPUS --per-gpu "$PER_GPU" \
-            --out-dir "$STUDY_DIR" --deadline-min "$DEADLINE_MIN" -- "${EXTRA[@]}"
+            --out-dir "$STUDY_DIR" --deadline-min "$DEADLINE_MIN" --port-base "$port" -- "${EXTRA[@]}" &
+        pids+=($!)
+        port=$((port + 1000))
     done
+    for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+    return "$rc"
 }
 
 case "$CMD" in
