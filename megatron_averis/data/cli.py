@@ -129,9 +129,9 @@ def main_experiment(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="build_experiment_corpus.py",
         description="Build the experiment corpus offline from the vendored public-domain "
-                    "text plus the Python stdlib and installed packages' sources and docs; "
-                    "writes a tokenizer, train/valid .bin/.idx and manifest.json with "
-                    "checksums.")
+                    "text, prose from downloaded package files, and the Python stdlib and "
+                    "installed packages' sources and docs; writes a tokenizer, train/valid "
+                    ".bin/.idx and manifest.json with checksums and the mix per kind and source.")
     p.add_argument("--out-dir", default=os.path.join("data", "cache", "experiment"))
     p.add_argument("--vocab-size", type=int, default=experiment.DEFAULT_VOCAB_SIZE)
     p.add_argument("--tokenizer-model", default=None,
@@ -149,6 +149,13 @@ def main_experiment(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-default-roots", action="store_true",
                    help="do not scan the stdlib and site-packages (only the vendored text "
                         "and --extra-root)")
+    p.add_argument("--natural-text-package", action="append", default=[], metavar="PATH",
+                   help="a downloaded wheel/sdist with public-domain prose (see "
+                        "tools/fetch_natural_text.py), or a folder of them; repeatable")
+    p.add_argument("--natural-fraction", type=float, default=None, metavar="F",
+                   help="target share of natural-language tokens per split, in (0, 1]: code "
+                        "documents are dropped (the tail of the canonical order) to reach it; "
+                        "nothing is repeated")
     p.add_argument("--workers", "-j", type=int, default=os.cpu_count() or 1)
     p.add_argument("--overwrite", action="store_true", help="replace an existing build")
     p.add_argument("--quiet", "-q", action="store_true")
@@ -159,7 +166,9 @@ def main_experiment(argv: Optional[List[str]] = None) -> int:
             args.out_dir, vocab_size=args.vocab_size, tokenizer_model=args.tokenizer_model,
             tokenizer_sample_bytes=args.tokenizer_sample_bytes, max_tokens=args.max_tokens,
             min_tokens=args.min_tokens, extra_roots=args.extra_root,
-            use_default_roots=not args.no_default_roots, workers=args.workers,
+            use_default_roots=not args.no_default_roots,
+            natural_packages=args.natural_text_package, natural_fraction=args.natural_fraction,
+            workers=args.workers,
             overwrite=args.overwrite, show_progress=not args.quiet)
         print(experiment.summary(manifest))
 

@@ -1,9 +1,10 @@
 """The experiment corpus: built offline from what the machine has installed.
 
-Sources: the embedded public-domain text (``embedded.py``) plus the source
-and documentation files of the Python standard library and of the installed
-packages (site-packages). Nothing is downloaded, so this runs on a machine
-without network. The content depends on the installed package versions, so
+Sources: the embedded public-domain text (``embedded.py``), public-domain
+prose read from downloaded package files (``natural_packages.py``), plus the
+source and documentation files of the Python standard library and of the
+installed packages (site-packages). Nothing is downloaded here, so this runs
+on a machine without network. The content depends on the installed package versions, so
 the manifest lists every distribution used (name, version, licence), and
 checksums let two builds be compared: equal ``text_sha256`` means the same
 text, equal ``corpus_sha256`` the same .bin/.idx bytes.
@@ -12,8 +13,10 @@ Determinism: files are walked in sorted order, filtered by fixed rules,
 de-duplicated by content, then ordered by the sha256 of their label
 (``site-packages/torch/nn/modules/linear.py``), which mixes sources evenly and
 does not depend on the machine's paths. The same hash puts 1 % of documents in
-the validation split. The tokenizer is trained on the first
-``tokenizer_sample_bytes`` of training lines in that order.
+the validation split. ``natural_fraction`` drops code documents to reach a
+share of natural-language tokens, and the tokenizer is trained on about
+``tokenizer_sample_bytes`` of training documents drawn from each source in
+proportion (``mix.py``).
 
 The built corpus holds third-party code under its own licences (listed in the
 manifest): use it for experiments on the machine, do not redistribute it.
@@ -32,11 +35,14 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from megatron_averis.data.atomic import temp_path
+from megatron_averis.data.mix import (check_fraction, format_mix, mix_table,
+                                      select_natural_fraction, tokenizer_sample)
+from megatron_averis.data.natural_packages import PackageText, licence_of, read_packages
 
 DEFAULT_VOCAB_SIZE = 32768
 DEFAULT_TOKENIZER_SAMPLE_BYTES = 64 << 20
 DEFAULT_MIN_TOKENS = 50_000_000
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: natural-text packages, per-source tokenizer sample
 EXTENSIONS = (".py", ".pyi", ".md", ".rst", ".txt", ".c", ".h", ".cc", ".cpp", ".hpp",
               ".cu", ".cuh")
 NATURAL_LANGUAGE_EXTENSIONS = (".md", ".rst", ".txt")
@@ -53,6 +59,11 @@ class SourceDoc:
     kind: str       # 'natural' (prose) or 'code'
     text: str
     sha256: str     # of the text's bytes
+    source: str     # embedded, stdlib, site-packages, natural/<package>, extra-...
+    nbytes: int = 0  # UTF-8 bytes of the text (filled in)
+
+    def __post_init__(self):
+        self.nbytes = len(self.text.encode("utf-8"))
 
     @property
     def split(self) -> str:
@@ -89,14 +100,7 @@ def _distribution_map(roots: Sequence[Tuple[str, str]]) -> Dict[str, Tuple[str, 
     for _, root in roots:
         for dist in metadata.distributions(path=[root]):
             md = dist.metadata  # parsed on every access: read it once
-            name, version = md.get("Name") or "unknown", md.get("Version") or ""
-            lic = (md.get("License-Expression") or md.get("License") or "").strip()
-            lic = lic.splitlines()[0][:80] if lic else ""
-            if not lic:
-                classifiers = [c.split("::")[-1].strip() for c in
-                               (md.get_all("Classifier") or []) if c.startswith("License")]
-                lic = "; ".join(classifiers)[:80]
-            entry = (name, version, lic)
+            entry = (md.get("Name") or "unknown", md.get("Version") or "", licence_of(md))
             for f in dist.files or []:
                 owner[os.path.normpath(os.path.join(root, str(f)))] = entry
     return owner
@@ -130,8 +134,26 @@ def _check_text(data: bytes) -> Tuple[Optional[str], Optional[str]]:
     return text, None
 
 
+def _add_natural(docs: List[SourceDoc], seen: set, skipped: Dict[str, int], source: str,
+                 named_texts: Iterable[Tuple[str, str]]) -> Dict[str, int]:
+    """Append prose documents (deduplicated by content); return their count and bytes."""
+    stat = {"files": 0, "bytes": 0}
+    for name, text in named_texts:
+        sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if sha in seen:
+            skipped["duplicate"] = skipped.get("duplicate", 0) + 1
+            continue
+        seen.add(sha)
+        label = f"{source}/{name}"
+        docs.append(SourceDoc(_key(label), label, "natural", text, sha, source))
+        stat["files"] += 1
+        stat["bytes"] += docs[-1].nbytes
+    return stat
+
+
 def scan_sources(roots: Sequence[Tuple[str, str]], include_embedded: bool = True,
-                 progress: bool = True) -> Tuple[List[SourceDoc], dict]:
+                 progress: bool = True, natural_packages: Sequence[PackageText] = ()
+                 ) -> Tuple[List[SourceDoc], dict]:
     """All usable documents in canonical order, and the scan's statistics."""
     from megatron_averis.data.embedded import load_documents
 
@@ -141,12 +163,15 @@ def scan_sources(roots: Sequence[Tuple[str, str]], include_embedded: bool = True
     by_root: Dict[str, Dict[str, int]] = {}
     dists: Dict[Tuple[str, str, str], Dict[str, int]] = {}
     if include_embedded:
-        for d in load_documents():
-            sha = hashlib.sha256(d.text.encode("utf-8")).hexdigest()
-            seen.add(sha)
-            docs.append(SourceDoc(_key("embedded/" + d.id), "embedded/" + d.id, "natural",
-                                  d.text, sha))
-        by_root["embedded"] = {"files": len(docs), "bytes": sum(len(d.text.encode()) for d in docs)}
+        by_root["embedded"] = _add_natural(docs, seen, skipped, "embedded",
+                                           ((d.id, d.text) for d in load_documents()))
+    packages = []
+    for pkg in natural_packages:
+        stat = _add_natural(docs, seen, skipped, pkg.source, pkg.documents)
+        by_root[pkg.source] = stat
+        packages.append({"name": pkg.name, "version": pkg.version, "license": pkg.licence,
+                         "content_license": pkg.content_licence, "file": pkg.file,
+                         "sha256": pkg.sha256, **stat})
     owner = _distribution_map([r for r in roots if r[0].startswith("site-packages")])
     root_paths = [p for _, p in roots]
     t0, scanned = time.monotonic(), 0
@@ -181,7 +206,7 @@ def scan_sources(roots: Sequence[Tuple[str, str]], include_embedded: bool = True
             rel = os.path.relpath(path, root).replace(os.sep, "/")
             name = f"{label}/{rel}"
             kind = "natural" if path.endswith(NATURAL_LANGUAGE_EXTENSIONS) else "code"
-            docs.append(SourceDoc(_key(name), name, kind, text, sha))
+            docs.append(SourceDoc(_key(name), name, kind, text, sha, label))
             stat["files"] += 1
             stat["bytes"] += len(data)
             if label.startswith("site-packages"):
@@ -195,6 +220,7 @@ def scan_sources(roots: Sequence[Tuple[str, str]], include_embedded: bool = True
     stats = {
         "files_scanned": scanned, "documents": len(docs), "skipped": dict(sorted(skipped.items())),
         "by_root": by_root,
+        "natural_packages": packages,
         "distributions": [{"name": n, "version": v, "license": lic, **c}
                           for (n, v, lic), c in sorted(dists.items(),
                                                        key=lambda x: (x[0][0].lower(), x[0][1]))],
@@ -226,12 +252,19 @@ def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZ
                             max_tokens: Optional[int] = None,
                             min_tokens: int = DEFAULT_MIN_TOKENS,
                             extra_roots: Sequence[str] = (), use_default_roots: bool = True,
+                            natural_packages: Sequence[str] = (),
+                            natural_fraction: Optional[float] = None,
                             workers: int = 1,
                             overwrite: bool = False, show_progress: bool = True) -> dict:
     """Build into ``out_dir`` (tokenizer.model, train/valid .bin/.idx,
-    manifest.json, documents.tsv) and return the manifest."""
+    manifest.json, documents.tsv) and return the manifest.
+
+    ``natural_packages``: downloaded package files (or folders of them) whose
+    prose joins the corpus; ``natural_fraction``: target share of
+    natural-language tokens per split, reached by dropping code (``mix.py``).
+    """
     from megatron_averis.data.backends import TokenizerSpec
-    from megatron_averis.data.indexed import Job, write_indexed_dataset
+    from megatron_averis.data.indexed import Job, iter_token_counts, write_indexed_dataset
     from megatron_averis.data.progress import Progress
     from megatron_averis.data.tokenizer_training import (train_sentencepiece_from_texts,
                                                          write_megatron_metadata)
@@ -239,13 +272,18 @@ def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZ
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
+    check_fraction(natural_fraction)
+    packages = read_packages(natural_packages)
     roots = default_roots() if use_default_roots else []
     for i, extra in enumerate(extra_roots):
         if not os.path.isdir(extra):
             raise FileNotFoundError(f"--extra-root {extra}: not a directory")
         roots.append((f"extra-{i + 1}-{os.path.basename(os.path.normpath(extra))}", extra))
     t_start = time.monotonic()
-    docs, scan = scan_sources(roots, progress=show_progress)
+    docs, scan = scan_sources(roots, progress=show_progress, natural_packages=packages)
+    if natural_fraction is not None and not any(d.kind == "natural" for d in docs):
+        raise ValueError("--natural-fraction: the corpus has no natural-language document; "
+                         "keep the embedded text or add --natural-text-package")
     train_docs = [d for d in docs if d.split == "train"]
     valid_docs = [d for d in docs if d.split == "valid"]
     if not valid_docs or not train_docs:
@@ -266,21 +304,31 @@ def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZ
             if show_progress:
                 print(f"tokenizer: training BPE {vocab_size} on the first "
                       f"{tokenizer_sample_bytes / 2**20:.0f} MiB of lines", file=sys.stderr)
-            train_sentencepiece_from_texts((d.text for d in train_docs), model,
+            sample = tokenizer_sample(train_docs, tokenizer_sample_bytes, natural_fraction)
+            train_sentencepiece_from_texts((d.text for d in sample), model,
                                            vocab_size=vocab_size, model_type="bpe",
                                            max_bytes=tokenizer_sample_bytes,
                                            source_name="the corpus sample")
             tok_info = {"source": "trained", "model_type": "bpe",
-                        "sample_bytes": tokenizer_sample_bytes, "sha256": _file_sha256(model)}
+                        "sample_bytes": tokenizer_sample_bytes, "sha256": _file_sha256(model),
+                        "sample_natural_bytes": sum(d.nbytes for d in sample
+                                                    if d.kind == "natural"),
+                        "sample_code_bytes": sum(d.nbytes for d in sample if d.kind == "code")}
         tok_info.update(vocab_size=_vocab_size(model), seconds=round(time.monotonic() - t0, 2))
         spec = TokenizerSpec(model, "sentencepiece")
 
-        splits, used = {}, {}
+        def count_tokens(group):
+            return iter_token_counts((d.text for d in group), spec, workers)
+
+        splits, used, selection = {}, {}, {}
         for split, group, cap in (("train", train_docs, max_tokens),
                                   ("valid", valid_docs, None)):
+            if natural_fraction is not None:
+                group, selection[split] = select_natural_fraction(group, natural_fraction,
+                                                                  count_tokens)
             if split == "valid" and max_tokens is not None:
                 # A capped build keeps the validation documents of the same key range.
-                last = used["train"][-1].key
+                last = used["train"][-1][0].key
                 group = [d for d in group if d.key <= last] or group[:1]
             jobs = (Job(d.label, 1, d.text, "str") for d in group)
             total = sum(len(d.text.encode("utf-8")) for d in group)
@@ -288,10 +336,16 @@ def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZ
             stats = write_indexed_dataset(jobs, os.path.join(tmp, split), spec, workers=workers,
                                           max_tokens=cap, progress=progress)
             used[split] = group[:stats.documents + stats.empty_documents]
+            tokens = _sequence_lengths(os.path.join(tmp, split), stats)
+            mix = mix_table(used[split], tokens)
             splits[split] = {**stats.as_dict(), "text_sha256": _text_sha256(used[split]),
-                             **_kind_bytes(used[split])}
+                             "natural_language_bytes": mix["by_kind"]["natural"]["bytes"],
+                             "code_bytes": mix["by_kind"]["code"]["bytes"], "mix": mix,
+                             **({"selection": selection[split]} if split in selection else {})}
+            used[split] = list(zip(used[split], tokens))
         manifest = _manifest(scan, tok_info, splits, used, vocab_size, tokenizer_sample_bytes,
-                             max_tokens, min_tokens, roots, time.monotonic() - t_start)
+                             max_tokens, min_tokens, roots, time.monotonic() - t_start,
+                             natural_fraction, [p.file for p in packages])
         _write_documents_tsv(os.path.join(tmp, "documents.tsv"), used)
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
@@ -307,16 +361,21 @@ def _vocab_size(model: str) -> int:
     return sentencepiece.SentencePieceProcessor(model_file=model).get_piece_size()
 
 
-def _kind_bytes(docs: Sequence[SourceDoc]) -> dict:
-    out = {"natural_language_bytes": 0, "code_bytes": 0}
-    for d in docs:
-        out["natural_language_bytes" if d.kind == "natural" else "code_bytes"] += \
-            len(d.text.encode("utf-8"))
-    return out
+def _sequence_lengths(prefix: str, stats) -> List[int]:
+    """Tokens of each written document, read back from the .idx."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if stats.empty_documents:
+        raise RuntimeError(f"{stats.empty_documents} documents encoded to no token; the scan "
+                           "rules should have skipped them")
+    ds = IndexedDataset(prefix)  # its arrays live as long as the object: copy them out
+    lengths = ds.sequence_lengths.tolist()
+    del ds
+    return lengths
 
 
 def _manifest(scan, tok_info, splits, used, vocab_size, sample_bytes, max_tokens, min_tokens,
-              roots, seconds) -> dict:
+              roots, seconds, natural_fraction, package_files) -> dict:
     corpus = hashlib.sha256("".join(splits[s][k] for s in ("train", "valid")
                                     for k in ("bin_sha256", "idx_sha256")).encode()).hexdigest()
     text = hashlib.sha256((splits["train"]["text_sha256"] +
@@ -331,7 +390,9 @@ def _manifest(scan, tok_info, splits, used, vocab_size, sample_bytes, max_tokens
         "settings": {"extensions": list(EXTENSIONS), "max_file_bytes": MAX_FILE_BYTES,
                      "max_line_chars": MAX_LINE_CHARS, "valid_modulus": VALID_MODULUS,
                      "vocab_size": vocab_size, "tokenizer_sample_bytes": sample_bytes,
-                     "max_tokens": max_tokens, "roots": [label for label, _ in roots]},
+                     "max_tokens": max_tokens, "roots": [label for label, _ in roots],
+                     "natural_fraction": natural_fraction,
+                     "natural_text_packages": package_files},
         "scan": scan,
         "tokenizer": tok_info,
         "splits": splits,
@@ -357,13 +418,13 @@ def _tool_versions() -> dict:
     return out
 
 
-def _write_documents_tsv(path: str, used: Dict[str, List[SourceDoc]]) -> None:
+def _write_documents_tsv(path: str, used: Dict[str, List[Tuple[SourceDoc, int]]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        f.write("split\tlabel\tkind\tbytes\tsha256\n")
+        f.write("split\tlabel\tkind\tbytes\tsha256\tsource\ttokens\n")
         for split in ("train", "valid"):
-            for d in used[split]:
-                size = len(d.text.encode("utf-8"))
-                f.write(f"{split}\t{d.label}\t{d.kind}\t{size}\t{d.sha256}\n")
+            for d, tokens in used[split]:
+                f.write(f"{split}\t{d.label}\t{d.kind}\t{d.nbytes}\t{d.sha256}\t{d.source}"
+                        f"\t{tokens}\n")
 
 
 def _replace_dir(new: str, target: str) -> None:
@@ -387,11 +448,17 @@ def summary(m: dict) -> str:
         f"{va['bytes_per_token']:.3f} bytes/token",
         f"  natural-language bytes (train): {tr['natural_language_bytes']:,}; "
         f"code bytes: {tr['code_bytes']:,}",
+        *format_mix("train", tr["mix"], m["settings"]["natural_fraction"]),
+        *format_mix("valid", va["mix"], m["settings"]["natural_fraction"]),
         f"  tokenizer: vocab {m['tokenizer']['vocab_size']}, sha256 {m['tokenizer']['sha256']}",
         f"  text_sha256:   {m['text_sha256']}",
         f"  corpus_sha256: {m['corpus_sha256']}",
         f"  built in {m['build_seconds']} s",
     ]
+    target = m["settings"]["natural_fraction"]
+    if target is not None and tr["mix"]["natural_token_share"] < target - 0.02:
+        lines.append(f"NOTE: natural share {tr['mix']['natural_token_share']:.1%} is below the "
+                     f"target {target:.1%}: every code document is kept and nothing is repeated")
     if not m["meets_min_tokens"] and m["settings"]["max_tokens"] is None:
         lines.append(f"WARNING: the train split has fewer than {m['min_tokens']:,} tokens; add "
                      "sources with --extra-root (e.g. /usr/include, /usr/share/doc)")

@@ -28,6 +28,10 @@ from megatron_averis.data.sources import (DataInputError, detect_format, expand_
                                           iter_records, parse_record)
 
 
+# Documents per batch sent to a worker, and the batch's byte cap.
+BATCH_DOCS, BATCH_BYTES = 256, 1 << 20
+
+
 @dataclass(frozen=True)
 class Job:
     """One document to encode: raw bytes of a record (parsed in the worker,
@@ -130,6 +134,21 @@ def _ordered_results(batches: Iterator[List[Job]], workers: int, init_args: tupl
         pool.join()
 
 
+def iter_token_counts(texts: Iterable[str], spec: TokenizerSpec, workers: int = 1,
+                      append_eod: bool = True) -> Iterator[int]:
+    """Tokens each text would take in a dataset (EOD included; 0 for an empty
+    text), in order. Stop early by closing the generator: that stops the pool."""
+    init_args = (spec, "text", append_eod, False, "int32")
+    jobs = (Job("", 1, text, "str") for text in texts)
+    results = _ordered_results(_batches(jobs, BATCH_DOCS, BATCH_BYTES), workers, init_args)
+    try:
+        for result in results:
+            for ids, _, _ in result:
+                yield 0 if ids is None else int(ids.size)
+    finally:
+        results.close()
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -141,8 +160,8 @@ def _sha256(path: str) -> str:
 def write_indexed_dataset(jobs: Iterable[Job], output_prefix: str, spec: TokenizerSpec, *,
                           text_field: str = "text", workers: int = 1, append_eod: bool = True,
                           prepend_bos: bool = False, max_tokens: Optional[int] = None,
-                          progress: Optional[Progress] = None, batch_docs: int = 256,
-                          batch_bytes: int = 1 << 20) -> DatasetStats:
+                          progress: Optional[Progress] = None, batch_docs: int = BATCH_DOCS,
+                          batch_bytes: int = BATCH_BYTES) -> DatasetStats:
     """Encode ``jobs`` into ``output_prefix``.bin/.idx; see the module docstring.
 
     ``max_tokens`` stops after the document that reaches that many tokens.
