@@ -254,7 +254,7 @@ def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZ
                             extra_roots: Sequence[str] = (), use_default_roots: bool = True,
                             natural_packages: Sequence[str] = (),
                             natural_fraction: Optional[float] = None,
-                            workers: int = 1,
+                            include_embedded: bool = True, workers: int = 1,
                             overwrite: bool = False, show_progress: bool = True) -> dict:
     """Build into ``out_dir`` (tokenizer.model, train/valid .bin/.idx,
     manifest.json, documents.tsv) and return the manifest.
@@ -280,15 +280,18 @@ def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZ
             raise FileNotFoundError(f"--extra-root {extra}: not a directory")
         roots.append((f"extra-{i + 1}-{os.path.basename(os.path.normpath(extra))}", extra))
     t_start = time.monotonic()
-    docs, scan = scan_sources(roots, progress=show_progress, natural_packages=packages)
-    if natural_fraction is not None and not any(d.kind == "natural" for d in docs):
-        raise ValueError("--natural-fraction: the corpus has no natural-language document; "
-                         "keep the embedded text or add --natural-text-package")
+    docs, scan = scan_sources(roots, include_embedded=include_embedded, progress=show_progress,
+                              natural_packages=packages)
     train_docs = [d for d in docs if d.split == "train"]
     valid_docs = [d for d in docs if d.split == "valid"]
     if not valid_docs or not train_docs:
         raise ValueError(f"only {len(docs)} documents: too few for a train split and a "
                          f"1-in-{VALID_MODULUS} validation split; add sources with --extra-root")
+    for split, group in (("train", train_docs), ("valid", valid_docs)):
+        if natural_fraction is not None and not any(d.kind == "natural" for d in group):
+            raise ValueError(f"--natural-fraction: the {split} split has no natural-language "
+                             "document to measure the share against; add prose "
+                             "(--natural-text-package) or drop the option")
 
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = temp_path(out_dir)
@@ -456,9 +459,9 @@ def summary(m: dict) -> str:
         f"  built in {m['build_seconds']} s",
     ]
     target = m["settings"]["natural_fraction"]
-    if target is not None and tr["mix"]["natural_token_share"] < target - 0.02:
-        lines.append(f"NOTE: natural share {tr['mix']['natural_token_share']:.1%} is below the "
-                     f"target {target:.1%}: every code document is kept and nothing is repeated")
+    if target is not None and tr["mix"]["natural_token_share"] > target + 0.02:
+        lines.append(f"NOTE: natural share {tr['mix']['natural_token_share']:.1%} is above the "
+                     f"target {target:.1%}: all code is kept and prose is never dropped")
     if not m["meets_min_tokens"] and m["settings"]["max_tokens"] is None:
         lines.append(f"WARNING: the train split has fewer than {m['min_tokens']:,} tokens; add "
                      "sources with --extra-root (e.g. /usr/include, /usr/share/doc)")

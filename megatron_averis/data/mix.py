@@ -9,8 +9,8 @@ stdlib, site-packages, natural/<package>, extra-...). Three things here:
   while the code tokens so far are below ``natural_tokens * (1 - F) / F``, so
   the dropped ones are the tail of that order, the same on every machine with
   the same inputs. The share reached is F or a little below (the last code
-  document kept may cross the budget); if the corpus has less code than the
-  budget, nothing is dropped and the share stays below F.
+  document kept may cross the budget). Prose is never dropped, so a target
+  below the corpus's own share keeps all code and the share stays above F.
 - ``tokenizer_sample``: documents for tokenizer training, each (source, kind)
   group represented in proportion to its bytes (code scaled down to the
   target share when F is given), so small natural sources are not left to
@@ -43,11 +43,11 @@ def select_natural_fraction(docs: Sequence, fraction: float,
     kept, code_tokens = set(), 0
     counts = count_tokens(code)
     try:
-        for doc, n in zip(code, counts):
+        for doc in code:
             if code_tokens >= budget:
-                break
+                break  # before counting the next one: the pool stops here
             kept.add(doc.key)
-            code_tokens += n
+            code_tokens += next(counts)
     finally:
         counts.close()
     selected = [d for d in docs if d.kind == "natural" or d.key in kept]
