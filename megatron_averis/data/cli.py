@@ -159,8 +159,8 @@ def main_experiment(argv: Optional[List[str]] = None) -> int:
                    help="use this sentencepiece model instead of training one")
     p.add_argument("--tokenizer-sample-bytes", type=int,
                    default=experiment.DEFAULT_TOKENIZER_SAMPLE_BYTES,
-                   help="train the tokenizer on this many bytes of lines (from the start of "
-                        "the canonical document order)")
+                   help="train the tokenizer on about this many bytes of documents, drawn "
+                        "from each source in proportion to its share of the train split")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="stop once the train split has this many tokens (for tests)")
     p.add_argument("--min-tokens", type=int, default=experiment.DEFAULT_MIN_TOKENS,

