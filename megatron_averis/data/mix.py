@@ -6,11 +6,12 @@ stdlib, site-packages, natural/<package>, extra-...). Three things here:
 - ``select_natural_fraction``: reach a target share F of natural-language
   tokens by dropping code documents, never by repeating anything. Every
   natural document is kept; code documents are kept in canonical (hash) order
-  while the code tokens so far are below ``natural_tokens * (1 - F) / F``, so
-  the dropped ones are the tail of that order, the same on every machine with
-  the same inputs. The share reached is F or a little below (the last code
-  document kept may cross the budget). Prose is never dropped, so a target
-  below the corpus's own share keeps all code and the share stays above F.
+  up to the budget ``natural_tokens * (1 - F) / F``, so the dropped ones are
+  the tail of that order, the same on every machine with the same inputs. The
+  document that crosses the budget is kept if that ends nearer to it than
+  stopping before it, so the code tokens miss the budget by at most half of
+  one document. Prose is never dropped, so a target below the corpus's own
+  share keeps all code and the share stays above F.
 - ``tokenizer_sample``: documents for tokenizer training, each (source, kind)
   group represented in proportion to its bytes (code scaled down to the
   target share when F is given), so small natural sources are not left to
@@ -46,8 +47,11 @@ def select_natural_fraction(docs: Sequence, fraction: float,
         for doc in code:
             if code_tokens >= budget:
                 break  # before counting the next one: the pool stops here
+            n = next(counts)
+            if code_tokens + n > budget and code_tokens + n - budget > budget - code_tokens:
+                break  # stopping before it lands nearer the budget
             kept.add(doc.key)
-            code_tokens += next(counts)
+            code_tokens += n
     finally:
         counts.close()
     selected = [d for d in docs if d.kind == "natural" or d.key in kept]
