@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from megatron_averis.diagnostics import checkpoint as ckpt
+from megatron_averis.diagnostics.batch import batch_tokens, data_prefix
 from megatron_averis.diagnostics.capture import run_batch
 from megatron_averis.diagnostics.compare import require_matplotlib
 from megatron_averis.diagnostics.mean_bias import METRICS
@@ -22,37 +23,6 @@ HEATMAP_METRICS = ("mean_to_residual", "mean_energy_share", "topk_mean_share", "
                    "qerr_nvfp4", "qerr_nvfp4_split", "dyn_range", "dyn_range_split")
 TRAINING_METRICS = ("mean_to_residual", "topk_mean_share", "cos_mean_top_sv", "split_error_ratio")
 COLUMNS = ("step", "module", "layer", "linear", "operand", "tokens", "features") + METRICS
-
-
-def data_prefix(config: dict) -> str:
-    """The run's validation data (else its training blend's first prefix)."""
-    from megatron_averis.training.data import parse_blend
-
-    for key in ("valid_data_path", "data_path", "train_data_path"):
-        blend = parse_blend(config.get(key))
-        if blend:
-            return blend[0][0]
-    raise ValueError("the run's configuration names no data; pass --data-prefix")
-
-
-def batch_tokens(prefix: str, batch: int, seq: int) -> torch.Tensor:
-    """[batch, seq + 1] consecutive tokens from the start of an indexed dataset (documents
-    concatenated in order, as the trainer's samples run across document ends)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
-        raise FileNotFoundError(f"no indexed dataset {prefix}.bin/.idx; pass --data-prefix")
-    ds = IndexedDataset(prefix)
-    need, parts, have = batch * (seq + 1), [], 0
-    for i in range(len(ds)):
-        parts.append(np.asarray(ds[i], dtype=np.int64))
-        have += len(parts[-1])
-        if have >= need:
-            break
-    if have < need:
-        raise ValueError(f"{prefix} holds {have} tokens, fewer than --batch-size x (--seq-length "
-                         f"+ 1) = {need}")
-    return torch.from_numpy(np.concatenate(parts)[:need].reshape(batch, seq + 1))
 
 
 def analyze(infos: list, tokens: torch.Tensor, *, grads: bool, recipe, device, **kw) -> list[dict]:

@@ -8,7 +8,9 @@ the output tensor sees the gradient G [s, b, out] in backward. Each is reduced t
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import Callable
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -39,12 +41,19 @@ def linear_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 class LinearStatsCapture:
     """Context manager: while active, each forward through a linear layer adds a row (operand
-    "input"), and with grads=True each backward adds one for its output gradient ("grad")."""
+    "input"), and with grads=True each backward adds one for its output gradient ("grad").
 
-    def __init__(self, model: torch.nn.Module, *, grads: bool = False, topk_fraction: float = 1e-3,
-                 mean_format: str = "bf16", rht_seed: int = 0):
-        self.model, self.grads = model, grads
-        self.kw = dict(topk_fraction=topk_fraction, mean_format=mean_format, rht_seed=rht_seed)
+    report: operand [tokens, features] -> dict of statistics (default: mean_bias_report with the
+    keyword arguments). select: which linears, by module name (default: all).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, grads: bool = False,
+                 report: Callable[[torch.Tensor], dict] | None = None,
+                 select: Callable[[str], bool] | None = None, **kw):
+        if report is not None and kw:
+            raise TypeError(f"{sorted(kw)} configure the default report; pass them to `report`")
+        self.model, self.grads, self.select = model, grads, select
+        self.report = report or functools.partial(mean_bias_report, **kw)
         self.rows: list[dict] = []
         self._handles = []
 
@@ -53,10 +62,12 @@ class LinearStatsCapture:
         layer, linear = describe(name)
         self.rows.append({"module": name, "layer": layer, "linear": linear, "operand": operand,
                           "tokens": x.shape[0], "features": x.shape[1],
-                          **mean_bias_report(x, **self.kw)})
+                          **self.report(x)})
 
     def __enter__(self):
         for name, mod in linear_modules(self.model):
+            if self.select is not None and not self.select(name):
+                continue
             def pre(module, args, name=name):
                 self._row(name, "input", args[0])
 
@@ -77,17 +88,32 @@ class LinearStatsCapture:
         return False
 
 
-def run_batch(model, tokens: torch.Tensor, *, grads: bool, **kw) -> list[dict]:
-    """Statistics rows of one batch tokens [b, s + 1] (inputs tokens[:, :-1], labels
-    tokens[:, 1:]); with grads, the backward pass of the mean token loss."""
+def model_inputs(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, positions 0..s-1, labels) of a batch tokens [b, s + 1], as the trainer feeds a
+    sample without document resets."""
     ids, labels = tokens[:, :-1], tokens[:, 1:]
-    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    return ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids), labels
+
+
+def backward_mean_loss(model, tokens: torch.Tensor) -> float:
+    """Forward and backward of the mean token loss of tokens [b, s + 1] (causal mask, no padding):
+    the trainer's loss for one batch. Gradients accumulate into .grad; returns the loss."""
+    ids, pos, labels = model_inputs(tokens)
+    loss = model(ids, pos, None, labels=labels).float().mean()
+    loss.backward()
+    return float(loss.detach())
+
+
+def run_batch(model, tokens: torch.Tensor, *, grads: bool, **kw) -> list[dict]:
+    """Statistics rows of one batch tokens [b, s + 1]; with grads, the backward pass of the mean
+    token loss."""
     with LinearStatsCapture(model, grads=grads, **kw) as cap:
         if grads:
             model.zero_grad(set_to_none=True)
-            model(ids, pos, None, labels=labels).float().mean().backward()
+            backward_mean_loss(model, tokens)
             model.zero_grad(set_to_none=True)
         else:
+            ids, pos, _ = model_inputs(tokens)
             with torch.no_grad():
                 model(ids, pos, None)
     return cap.rows

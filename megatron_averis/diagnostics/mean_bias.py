@@ -123,19 +123,31 @@ def block_dynamic_range(x: torch.Tensor, block: int = NVFP4_BLOCK) -> float:
     return float(blocks.max()) / med if med > 0 else math.inf
 
 
-def quantization_errors(x: torch.Tensor, mean_format: str = "bf16", rht_seed: int = 0) -> dict:
-    """Relative Frobenius error of NVFP4 (1x16, RNE) without and with the mean split, each without
-    and with the random Hadamard transform (signs from `rht_seed`, as the recipes draw them)."""
-    t, f = x.shape
-    if f % NVFP4_BLOCK:
-        raise ValueError(f"NVFP4 needs features ({f}) to be a multiple of {NVFP4_BLOCK}")
+# Block orientations of an operand x [tokens, features]: 1x16 blocks along features, as fprop and
+# dgrad quantize X and G, or along tokens, as wgrad quantizes Xᵀ and Gᵀ. The mean is over tokens
+# in both.
+ORIENTATIONS = ("features", "tokens")
+
+
+def quantization_errors(x: torch.Tensor, mean_format: str = "bf16", rht_seed: int = 0,
+                        along: str = "features") -> dict:
+    """Relative Frobenius error of NVFP4 (RNE) without and with the mean split, each without
+    and with the random Hadamard transform (signs from `rht_seed`, as the recipes draw them), in
+    1x16 blocks `along` features or tokens."""
+    if along not in ORIENTATIONS:
+        raise ValueError(f"along must be one of {ORIENTATIONS}, got {along!r}")
     ref = _check(x)
+    a, mean_dim = (x, 0) if along == "features" else (x.t().contiguous(), 1)
+    ref = ref if along == "features" else ref.t()
+    if a.shape[1] % NVFP4_BLOCK:
+        raise ValueError(f"NVFP4 needs {along} ({a.shape[1]}) to be a multiple of {NVFP4_BLOCK}")
     norm = float(ref.norm())
     signs = random_signs(rht_seed).to(x.device)
     out = {}
-    for name, mean_dim, s in (("qerr_nvfp4", None, None), ("qerr_nvfp4_split", 0, None),
-                              ("qerr_nvfp4_rht", None, signs), ("qerr_nvfp4_split_rht", 0, signs)):
-        op = quantize_operand(x, "nvfp4", mean_dim=mean_dim, mean_format=mean_format, signs=s)
+    for name, split, s in (("qerr_nvfp4", False, None), ("qerr_nvfp4_split", True, None),
+                           ("qerr_nvfp4_rht", False, signs), ("qerr_nvfp4_split_rht", True, signs)):
+        op = quantize_operand(a, "nvfp4", mean_dim=mean_dim if split else None,
+                              mean_format=mean_format, signs=s)
         err = float((op.dequantize() - ref).norm())
         out[name] = err / norm if norm > 0 else 0.0
     return out
