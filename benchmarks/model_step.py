@@ -76,6 +76,7 @@ from megatron_averis.training import distributed  # noqa: E402
 from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args  # noqa: E402
 from megatron_averis.training.cpu_compat import cpu_training  # noqa: E402
 from megatron_averis.training.cuda_graph import side_stream  # noqa: E402
+from megatron_averis.training.divergence import DivergenceGuard  # noqa: E402
 from megatron_averis.training.loop import Trainer  # noqa: E402
 from megatron_averis.training.metrics import interval_stats, memory_gib, peak_tflops  # noqa: E402
 from megatron_averis.training.presets import PRESETS as MODEL_PRESETS  # noqa: E402
@@ -152,6 +153,7 @@ class _StepBench(Trainer):
         self.iteration = 0
         self._build_model_and_optimizer()
         self._build_schedules()
+        self.guard = DivergenceGuard(args)
         self.activation_bytes: list[int] | None = None  # a list while measuring
 
     def _forward_step(self, data_iterator, model):
@@ -234,7 +236,7 @@ def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch:
         bench.activation_bytes = [] if on_gpu and i == measure_at else None
         _sync(device)
         t0 = time.perf_counter()
-        loss, grad_norm, _, updated = bench.train_step(data)
+        loss, grad_norm, _, updated, _ = bench.train_step(data)
         _sync(device)
         seconds = time.perf_counter() - t0
         bench.iteration += 1

@@ -21,6 +21,7 @@ Weight layouts (megatron-core → HuggingFace):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -297,6 +298,11 @@ def convert(a) -> dict:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    if a.verify and importlib.util.find_spec("transformers") is None:
+        # Checked before anything is written: an export that cannot be verified is not wanted.
+        print("convert_to_hf: --verify needs transformers, which is not installed; "
+              "`pip install transformers`, or drop --verify", file=sys.stderr)
+        return 2
     try:
         result = convert(a)
     except ImportError as e:

@@ -9,19 +9,20 @@ loss, grad norm and LR of both and their relative difference, and the validation
 """
 
 import argparse
-import json
 import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from megatron_averis.training.writers import read_records  # noqa: E402
+
 
 def records(run_dir: str, event: str) -> dict:
-    path = os.path.join(run_dir, "metrics.jsonl")
+    """step -> record of `event`; a later launch's record of a step wins, and a last line cut off
+    by a killed run is left out."""
     rows = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if r["event"] == event:
-                rows[r["step"]] = r  # a later launch's record of a step wins
+    for r in read_records(os.path.join(run_dir, "metrics.jsonl")):
+        if r["event"] == event:
+            rows[r["step"]] = r
     return rows
 
 
@@ -37,7 +38,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     worst = 0.0
     for event, keys in (("train", ("loss", "grad_norm", "lr")), ("valid", ("loss",))):
-        ref, got = records(args.reference, event), records(args.resumed, event)
+        try:
+            ref, got = records(args.reference, event), records(args.resumed, event)
+        except (OSError, ValueError) as e:
+            print(f"check_resume: {e}", file=sys.stderr)
+            return 2
         steps = sorted(set(ref) & set(got))
         if event == "train" and not steps:
             print("no common training steps: log every step (LOG_INTERVAL=1) in both runs")

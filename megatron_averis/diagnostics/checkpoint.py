@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_averis.recipes import OperandRecipe, Recipe, get_recipe
+from megatron_averis.training import checkpoint_integrity as integrity
 
 
 @contextlib.contextmanager
@@ -72,6 +73,9 @@ def find(load: str, step: int | None = None) -> CheckpointInfo:
         raise FileNotFoundError(f"{load!r} holds no checkpoint; give the trainer's --save "
                                 "directory or one of its iter_* directories")
     iteration, path = found
+    problems = integrity.check(path)
+    if problems:
+        raise integrity.CheckpointDamaged(path, "; ".join(problems))
     common = dist_checkpointing.load_common_state_dict(path)
     if "config" not in common:
         raise ValueError(f"{path} has no run configuration; it was not written by "
@@ -81,12 +85,11 @@ def find(load: str, step: int | None = None) -> CheckpointInfo:
 
 def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:
     """Every committed checkpoint of a --save directory, by iteration."""
-    from megatron_averis.training.checkpoint_dirs import _NAME, is_checkpoint_dir
+    from megatron_averis.training.checkpoint_dirs import committed_checkpoints
 
     if not os.path.isdir(save_dir):
         raise FileNotFoundError(f"{save_dir!r} is not a directory")
-    steps = sorted({int(m.group(1)) for name in os.listdir(save_dir)
-                    if (m := _NAME.match(name)) and is_checkpoint_dir(os.path.join(save_dir, name))})
+    steps = [iteration for iteration, _ in committed_checkpoints(save_dir)]
     if not steps:
         raise FileNotFoundError(f"{save_dir!r} holds no complete checkpoint")
     return [find(save_dir, s) for s in steps]

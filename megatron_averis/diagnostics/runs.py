@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_averis.training.writers import read_records
+
 SPLITS = ("train", "valid")
 
 
@@ -54,18 +56,7 @@ def read_metrics_jsonl(path: str) -> tuple[dict[str, Curve], dict]:
     """(curves, config of the last start record) from a trainer's metrics.jsonl."""
     points = {split: {} for split in SPLITS}
     config: dict = {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                break  # a last line cut off by a crash mid-write
-            raise ValueError(f"{path}:{n}: not a JSON record ({e}); is this a trainer "
-                             "metrics.jsonl?") from None
+    for rec in read_records(path):
         event, step = rec.get("event"), rec.get("step")
         if event == "start":
             config = rec.get("config") or {}

@@ -10,6 +10,9 @@
     rng_state.py        seeding; capture/restore of every RNG stream
     checkpoint_dirs.py  checkpoint layout, atomic commit, `latest` tracker
     checkpointing.py    dist_checkpointing save/load of the complete training state
+    checkpoint_integrity.py  per-checkpoint manifest (sizes, SHA-256), verification, write failures
+    preflight.py        start-up checks: dataset files, --load, writable --save with room
+    divergence.py       NaN/spike guard between the gradient norm and the update: abort or skip
     metrics.py          throughput, TFLOP/s, MFU, memory, progress line
     writers.py          metrics.jsonl, TensorBoard, wandb
     loop.py             the training loop, validation, main()

@@ -9,6 +9,7 @@ that fixes it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 
@@ -17,7 +18,9 @@ import torch
 from megatron_averis.recipes import PRESETS as RECIPE_PRESETS
 from megatron_averis.recipes import DEPRECATED_NAMES as DEPRECATED_RECIPES
 from megatron_averis.recipes import RecipeError, canonical_name, check_linear_shape, check_token_count, get_recipe
+from megatron_averis.training import divergence, preflight
 from megatron_averis.training.checkpoint_dirs import find_latest_checkpoint
+from megatron_averis.training.checkpoint_integrity import CHECKSUMS
 from megatron_averis.training.presets import PRESETS as MODEL_PRESETS
 from megatron_averis.training.presets import ModelArch
 
@@ -189,6 +192,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM, save a checkpoint and exit (SLURM preemption)")
 
+    g = p.add_argument_group("fault tolerance (docs/training.md#when-things-go-wrong)")
+    g.add_argument("--allow-fresh-start", action="store_true",
+                   help="train from scratch when --load holds no checkpoint (without it, a --load "
+                        "other than --save must hold one)")
+    g.add_argument("--ckpt-integrity", choices=CHECKSUMS, default="sha256",
+                   help="what each checkpoint's manifest records and loading verifies: file sizes "
+                        "and SHA-256, or sizes only (faster for very large checkpoints)")
+    g.add_argument("--ckpt-fallback", action="store_true",
+                   help="when the checkpoint to load is damaged, load the newest intact earlier "
+                        "one (default: stop and name it)")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction,
+                   default=True, help="treat a NaN/Inf loss or gradient norm as divergence")
+    g.add_argument("--check-for-spiky-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="treat a loss above --spiky-loss-factor x the running median as divergence")
+    g.add_argument("--spiky-loss-factor", type=float, default=divergence.DEFAULT_LOSS_FACTOR)
+    g.add_argument("--check-for-large-grads", action="store_true",
+                   help="treat a gradient norm above --large-grads-factor x the running median as "
+                        "divergence")
+    g.add_argument("--large-grads-factor", type=float, default=divergence.DEFAULT_GRAD_FACTOR)
+    g.add_argument("--divergence-window", type=int, default=divergence.DEFAULT_WINDOW,
+                   help="healthy steps in the running medians")
+    g.add_argument("--divergence-action", choices=divergence.ACTIONS, default="abort",
+                   help="abort: stop without saving; skip: drop the step's update and go on")
+    g.add_argument("--max-skipped-steps", type=int, default=divergence.DEFAULT_MAX_SKIPS,
+                   help="with --divergence-action skip: abort after this many skipped steps in a row")
+
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--run-name", default=None, help="default: <preset>-<recipe>")
@@ -287,6 +316,8 @@ def _blend_problems(flag: str, values: list[str] | None) -> list[str]:
             problems.append(f"{flag}: dataset {prefix!r} has no {' / '.join(prefix + m for m in missing)}; "
                             "pass the prefix of files written by tools/preprocess_data.py "
                             "(without .bin/.idx)")
+        else:
+            problems += preflight.indexed_dataset_problems(flag, prefix)
     return problems
 
 
@@ -408,6 +439,9 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     recipe = _recipe_from_args(args, problems)
     args.arch, args.recipe = arch, recipe
     args.bf16 = bool(args.bf16 or args.fp4_recipe)
+    if recipe is not None and recipe.is_bf16 and not args.bf16:
+        # Unquantized GEMMs on FP32 parameters: label the run what it is.
+        args.recipe = recipe = dataclasses.replace(recipe, name="fp32")
     args.run_name = args.run_name or f"{args.model_preset or 'custom'}-{args.fp4_recipe or ('bf16' if args.bf16 else 'fp32')}"
 
     # Parallel layout and batch.
@@ -555,6 +589,8 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         problems.append("--exit-signal-handler saves a checkpoint on SIGTERM and needs --save DIR")
     if args.ckpt_step is not None and not args.load:
         problems.append("--ckpt-step needs --load DIR")
+    problems += preflight.load_problems(args)
+    problems += divergence.flag_problems(args)
     if args.save and not args.load:
         try:
             latest = find_latest_checkpoint(args.save)

@@ -118,15 +118,23 @@ def find_checkpoint(load: str, step: int | None = None) -> tuple[int, str] | Non
         return state["iteration"], load
     if step is None:
         return find_latest_checkpoint(load) if os.path.isdir(load) else None
-    versions = []
-    for name in os.listdir(load) if os.path.isdir(load) else []:
-        m = _NAME.match(name)
-        if m and int(m.group(1)) == step and is_checkpoint_dir(os.path.join(load, name)):
-            versions.append((int(m.group(2) or 1), name))
-    if not versions:
+    found = dict(committed_checkpoints(load)).get(step)
+    if found is None:
         raise FileNotFoundError(f"--load {load!r} has no complete checkpoint of iteration {step} "
                                 "(--ckpt-step)")
-    return step, os.path.join(load, max(versions)[1])
+    return step, found
+
+
+def committed_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(iteration, directory) of every committed checkpoint under a --save directory, oldest
+    first; of several versions of one iteration, the newest."""
+    newest: dict[int, tuple[int, str]] = {}
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        m = _NAME.match(name)
+        if m and is_checkpoint_dir(os.path.join(root, name)):
+            version = (int(m.group(2) or 1), name)
+            newest[int(m.group(1))] = max(newest.get(int(m.group(1)), version), version)
+    return [(it, os.path.join(root, name)) for it, (_, name) in sorted(newest.items())]
 
 
 def read_train_state(path: str) -> dict:

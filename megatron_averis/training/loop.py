@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import signal
@@ -24,11 +25,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_averis.linear.sr_step import SR_STEP
 from megatron_averis.training import data as data_lib
-from megatron_averis.training import distributed
+from megatron_averis.training import distributed, preflight
 from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args
-from megatron_averis.training.checkpointing import Checkpointer
+from megatron_averis.training.checkpoint_integrity import CheckpointError
+from megatron_averis.training.checkpointing import Checkpointer, latest_checkpoint
 from megatron_averis.training.cpu_compat import cpu_training
 from megatron_averis.training import cuda_graph
+from megatron_averis.training.divergence import DivergenceGuard, TrainingDiverged, guarded_step
 from megatron_averis.training.metrics import (format_duration, interval_stats, memory_gib,
                                               peak_tflops, progress_line)
 from megatron_averis.training.model import build_model, count_local_parameters, transformer_config
@@ -101,6 +104,7 @@ class Trainer:
         self.checkpointer = Checkpointer(args, self.model, self.optimizer, self.scheduler,
                                          self.config_dict)
         self._build_schedules()
+        self.guard = DivergenceGuard(args)
 
         self.iteration = 0
         self.consumed_samples = 0
@@ -112,6 +116,7 @@ class Trainer:
                 self.iteration = state["iteration"]
                 self.consumed_samples = state["consumed_train_samples"]
                 self.resumed_from = {**state, "seconds": round(time.monotonic() - start, 1)}
+                self.guard.load_state_dict(state.get("divergence_guard"))
 
         start = time.monotonic()
         print0("building datasets (megatron-core indexes a corpus once and caches the index)...")
@@ -168,7 +173,8 @@ class Trainer:
             f"vocabulary {a.vocab_size} from {a.tokenizer_model}, padded to {a.padded_vocab_size}",
             f"precision: {'BF16' if a.bf16 else 'FP32'} parameters, FP32 main grads"
             f"{', distributed optimizer' if a.use_distributed_optimizer else ''}",
-            a.recipe.describe(),
+            a.recipe.describe() if not a.recipe.is_bf16 else
+            f"recipe {a.recipe.name}: no quantized GEMMs ({'BF16' if a.bf16 else 'FP32'})",
             f"batch: global {a.global_batch_size} = micro {a.micro_batch_size} x "
             f"{a.num_microbatches} micro-batches x DP {self.dp_size}; seq {a.seq_length}; "
             f"{self.tokens_per_iteration:,} tokens/step; "
@@ -242,10 +248,14 @@ class Trainer:
         self.optimizer.zero_grad()
         losses = self._train_schedule(data_iterator)
         lr = self.optimizer.param_groups[0]["lr"]
-        updated, grad_norm, _ = self.optimizer.step()
+        total = self._reduce_losses(losses)
+        loss = (total[0] / total[1]).item()
+        updated, grad_norm, diverged = guarded_step(
+            self.optimizer, lambda norm: self.guard.assess(loss, norm))
         if updated:
             self.scheduler.step(increment=self.args.global_batch_size)
-        return self._reduce_losses(losses), grad_norm, lr, updated
+            self.guard.healthy(loss, grad_norm)
+        return total, grad_norm, lr, updated, diverged
 
     # -- validation ---------------------------------------------------------------------
     def evaluate(self, dataset) -> float:
@@ -284,12 +294,39 @@ class Trainer:
             "consumed_train_tokens": self.consumed_samples * self.args.seq_length,
             "seed": self.args.seed,
             "global_batch_size": self.args.global_batch_size,
+            "divergence_guard": self.guard.state_dict(),
         }
         path, seconds = self.checkpointer.save(self.iteration, train_state)
         print0(f"saved checkpoint of step {self.iteration} to {path} in {seconds:.1f} s")
         self.logger.record("checkpoint", self.iteration, {"path": path, "seconds": seconds})
         self.last_saved = self.iteration
         return seconds
+
+    def _diverged(self, total: torch.Tensor, grad_norm, reasons: list[str]) -> None:
+        """Log a diverged step (self.iteration is its number) and abort when the policy says so."""
+        a = self.args
+        abort = self.guard.must_abort()
+        healthy = self.iteration - self.guard.skipped_in_a_row  # skipped steps changed nothing
+        self.logger.record("divergence", self.iteration, {
+            "loss": (total[0] / total[1]).item(), "grad_norm": grad_norm, "reasons": reasons,
+            "action": "abort" if abort else "skip", "last_healthy_step": healthy,
+            "skipped_in_a_row": self.guard.skipped_in_a_row, "consumed_samples": self.consumed_samples})
+        print0(f"divergence at step {self.iteration}: {'; '.join(reasons)}; "
+               + ("stopping" if abort else "its update is skipped"))
+        if not abort:
+            return
+        found = latest_checkpoint(a.save) if a.save else None
+        skipping = a.divergence_action == "skip"
+        raise TrainingDiverged(
+            f"training diverged at step {self.iteration} ({'; '.join(reasons)})"
+            + (f", {self.guard.skipped_in_a_row} diverged steps in a row (--max-skipped-steps "
+               f"{a.max_skipped_steps})" if skipping else "")
+            + f". Nothing was saved after step {healthy}, the last healthy one; "
+            + (f"the latest checkpoint is iteration {found[0]} ({found[1]})" if found
+               else "there is no checkpoint")
+            + ". Resume with a lower --lr (--load, --ckpt-step)"
+            + ("" if skipping else ", or pass --divergence-action skip to drop diverged steps")
+            + " (docs/training.md, 'When things go wrong')")
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
@@ -310,18 +347,21 @@ class Trainer:
         window_start, window_excluded, window_iters = time.monotonic(), 0.0, 0
         stopped_by_signal = False
         while self.iteration < a.train_iters:
-            loss, grad_norm, lr, updated = self.train_step(data_iterator)
+            loss, grad_norm, lr, updated, diverged = self.train_step(data_iterator)
             self.iteration += 1
             self.consumed_samples += a.global_batch_size
             window_iters += 1
-            window_losses.append(loss)
+            if diverged:
+                self._diverged(loss, grad_norm, diverged)
+            else:
+                window_losses.append(loss)
             if updated:
                 window_norms.append(grad_norm)
             else:
                 skipped += 1
 
             if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
-                iter_losses = torch.stack(window_losses)
+                iter_losses = torch.stack(window_losses) if window_losses else torch.full((1, 2), math.nan)
                 mean_loss = (iter_losses[:, 0] / iter_losses[:, 1]).mean().item()
                 elapsed = time.monotonic() - window_start - window_excluded
                 stats = interval_stats(iterations=window_iters, seconds=elapsed,
@@ -336,7 +376,7 @@ class Trainer:
                      "consumed_samples": self.consumed_samples,
                      "consumed_tokens": self.consumed_samples * a.seq_length,
                      "skipped_iterations": skipped}
-                print0(progress_line(m, a.train_iters))
+                print0(progress_line(m, a.train_iters, "GPU" if self.device.type == "cuda" else "rank"))
                 self.logger.record("train", self.iteration, m, scalars={
                     "train/loss": m["loss"], "train/lr": lr, "train/grad_norm": m["grad_norm"],
                     "perf/tokens_per_second": m["tokens_per_second"],
@@ -379,6 +419,9 @@ def main(argv=None) -> int:
     env = distributed.LaunchEnv.from_environ()
     try:
         finalize_args(args, env.world_size)
+        problems = preflight.output_problems(args, data_lib.load_tokenizer(args).vocab_size)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as e:
         if env.rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -403,6 +446,10 @@ def main(argv=None) -> int:
                 finally:
                     trainer.close()
             print0(f"wall time {format_duration(time.monotonic() - start)}")
+        except (CheckpointError, TrainingDiverged) as e:
+            if torch.distributed.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
         finally:
             distributed.shutdown()
     return 0

@@ -66,15 +66,16 @@ def interval_stats(*, iterations: int, seconds: float, tokens_per_iteration: int
     }
 
 
-def progress_line(m: dict, train_iters: int) -> str:
-    """One line per logging interval; `m` holds the keys written to metrics.jsonl."""
+def progress_line(m: dict, train_iters: int, per: str = "GPU") -> str:
+    """One line per logging interval; `m` holds the keys written to metrics.jsonl; `per`: what
+    one rank runs on (GPU, or "rank" on CPUs)."""
     parts = [
         f"step {m['step']:>{len(str(train_iters))}}/{train_iters}",
         f"loss {m['loss']:.4f}",
         f"lr {m['lr']:.3e}",
         f"grad-norm {m['grad_norm']:.3f}",
         f"{m['tokens_per_second']:,.0f} tok/s",
-        f"{m['tflops_per_gpu']:.1f} TFLOP/s/GPU",
+        f"{m['tflops_per_gpu']:.1f} TFLOP/s/{per}",
     ]
     if m.get("mfu") is not None:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")

@@ -23,9 +23,9 @@ def wrap_data_parallel(args, config, model_chunks):
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
-        # Its per-bucket check reads the gradient norm on the host, which a CUDA graph cannot
-        # capture; with --cuda-graph-impl local a NaN shows in the logged loss and grad norm.
-        check_for_nan_in_grad=not cuda_graph.enabled(args),
+        # The divergence guard (divergence.py) checks the global gradient norm instead: this
+        # per-bucket check raises before the step is logged (as "iteration -1") and cannot skip it.
+        check_for_nan_in_grad=False,
     )
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,

@@ -5,7 +5,8 @@ every record has an "event" ("start", "train", "valid", "test", "checkpoint", "e
 wandb runs are named from the preset and recipe (project megatron-averis, group = preset,
 name = run name) so that recipes of one model land in one dashboard; the run id is derived from
 the log directory, so a resumed run continues its wandb run. Offline mode needs no network
-(`wandb sync <log-dir>/wandb/offline-run-*` uploads later).
+(`wandb sync <log-dir>/wandb/wandb/offline-run-*` uploads later: wandb puts its own `wandb/`
+folder inside --wandb-save-dir, which defaults to <log-dir>/wandb).
 """
 
 from __future__ import annotations
@@ -13,20 +14,54 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import time
 
 
 def _jsonable(value):
-    if isinstance(value, float) and value != value:  # NaN is not JSON
+    if isinstance(value, float) and not math.isfinite(value):  # NaN and Inf are not JSON
         return None
     return value
+
+
+def read_records(path: str) -> list[dict]:
+    """The records of a metrics.jsonl. A last line cut off by a crash mid-write is dropped; any
+    other line that is not a JSON record is an error naming it."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not a JSON record ({e}); is this a trainer "
+                             "metrics.jsonl?") from None
+    return records
+
+
+def _drop_partial_last_line(path: str) -> None:
+    """A process killed mid-write leaves a line without its newline; appending to it would merge
+    the next record into it."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
 
 
 class MetricsFile:
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
+        _drop_partial_last_line(path)
         self._f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
