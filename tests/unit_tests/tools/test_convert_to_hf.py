@@ -167,6 +167,15 @@ def test_errors(exported, tiny_runs, tmp_path, capsys):
                              exported[1].config["arch"])
 
 
+def test_verify_without_transformers_fails_before_writing(tiny_runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not importable
+    out = tmp_path / "hf"
+    assert c2h.main(["--load", tiny_runs["averis"], "--out", str(out), "--verify"]) == 2
+    assert ("--verify needs transformers, which is not installed; `pip install transformers`, or "
+            "drop --verify") in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_tokenizer_export_without_transformers(monkeypatch, tmp_path, tiny_corpus):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails
     note = c2h.export_tokenizer(tiny_corpus["tokenizer_model"], str(tmp_path), 256, True)

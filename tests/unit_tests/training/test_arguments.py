@@ -62,7 +62,9 @@ def test_derived_batch_sizes(files):
 
 
 def test_recipe_from_flags(files):
-    assert finalize(files).recipe.name == "bf16" and not finalize(files).bf16
+    # Unquantized GEMMs on FP32 parameters are labelled fp32, with --bf16 bf16.
+    assert finalize(files).recipe.name == "fp32" and not finalize(files).bf16
+    assert finalize(files, "--bf16").recipe.name == "bf16"
     args = finalize(files, "--fp4-recipe", "averis", "--fp4-recipe-override", "wgrad_rht=true",
                     "--first-last-layers-bf16", "--num-layers-at-end-in-bf16", "2")
     assert args.bf16 and args.recipe.name == "averis" and args.recipe.wgrad_rht
@@ -174,7 +176,8 @@ def test_every_dataset_must_fill_every_split(files):
     finalize(files, "--data-path", str(files / "small"), "--eval-iters", "0")
     (files / "bad.bin").write_bytes(b"")
     (files / "bad.idx").write_bytes(b"junk")
-    assert "cannot read the index of" in problems(files, "--data-path", str(files / "bad"))
+    assert "bad.idx has 4 bytes, less than the 34-byte header" in problems(
+        files, "--data-path", str(files / "bad"))
 
 
 def test_cuda_graph_rejects_what_one_graph_cannot_capture(files, monkeypatch):

@@ -57,6 +57,10 @@ def test_interval_stats_and_progress_line():
                                   "memory_gib": 40.25, "eta_seconds": 3725}, train_iters=200)
     assert line == ("step  30/200 | loss 3.2100 | lr 3.000e-04 | grad-norm 0.500 | 32,768 tok/s | "
                     "500.0 TFLOP/s/GPU | MFU 50.5% | mem 40.25 GiB | 2.000 s/it | ETA 1:02:05")
+    # On CPUs a rank is a process, not a GPU.
+    cpu = metrics.progress_line({"step": 30, "loss": 3.21, "lr": 3e-4, "grad_norm": 0.5, **s,
+                                 "memory_gib": 1.0, "eta_seconds": 5}, train_iters=200, per="rank")
+    assert "| 500.0 TFLOP/s/rank |" in cpu and "GPU" not in cpu
 
 
 def test_peak_tflops():
@@ -96,6 +100,42 @@ def test_jsonl_and_tensorboard(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(5, 2.5)]
 
 
+def test_a_partial_last_line_is_dropped_on_reopen_and_by_readers(tmp_path):
+    """A run killed mid-write leaves half a record; the next launch must not append to it, and
+    readers (check_resume.py, compare_runs) skip it when it is the last line."""
+    path = tmp_path / "metrics.jsonl"
+    whole = json.dumps({"event": "train", "step": 1, "loss": 3.0}) + "\n"
+    path.write_text(whole + '{"event": "train", "st')
+    assert writers.read_records(str(path)) == [json.loads(whole)]
+    f = writers.MetricsFile(str(path))
+    f.write({"event": "train", "step": 2, "loss": 2.5})
+    f.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == whole.strip() and json.loads(lines[1])["step"] == 2 and len(lines) == 2
+    path.write_text(whole + "not json\n" + whole)
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+        writers.read_records(str(path))
+
+
+def test_check_resume_reads_a_truncated_last_line(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "check_resume", os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples",
+                                     "pretrain", "check_resume.py"))
+    check_resume = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_resume)
+    rows = [json.dumps({"event": "train", "step": s, "loss": 3.0 / s, "grad_norm": 1.0, "lr": 1e-3})
+            for s in (1, 2)]
+    for name, tail in (("a", ""), ("b", '{"event": "tr')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(rows) + "\n" + tail)
+    assert check_resume.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert check_resume.main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+    assert "No such file" in capsys.readouterr().err
+
+
 def test_wandb_offline_run(tmp_path, monkeypatch):
     """Runs where wandb is installed: offline mode needs no network and keeps the run id."""
     pytest.importorskip("wandb")
@@ -105,6 +145,8 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     log.record("train", 1, {"loss": 3.0}, scalars={"train/loss": 3.0})
     run_id = log.wandb_run.id
     log.close()
+    # Where the module's docstring tells users to `wandb sync` from.
+    assert "wandb sync <log-dir>/wandb/wandb/offline-run-*" in writers.__doc__
     runs = [d for d in os.listdir(tmp_path / "wandb" / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1 and runs[0].endswith(run_id)
     data = [f for f in os.listdir(tmp_path / "wandb" / "wandb" / runs[0]) if f.endswith(".wandb")]

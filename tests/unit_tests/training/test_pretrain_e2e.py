@@ -53,13 +53,14 @@ def test_run_logs_progress_metrics_config_and_tensorboard(reference_run, corpus)
 
     line = next(ln for ln in run.stdout.splitlines() if ln.startswith("step 3/4"))
     assert re.fullmatch(r"step 3/4 \| loss \d+\.\d{4} \| lr [\d.e+-]+ \| grad-norm [\d.]+ \| "
-                        r"[\d,]+ tok/s \| [\d.]+ TFLOP/s/GPU \| mem [\d.]+ GiB \| [\d.]+ s/it \| "
+                        r"[\d,]+ tok/s \| [\d.]+ TFLOP/s/rank \| mem [\d.]+ GiB \| [\d.]+ s/it \| "
                         r"ETA \d+:\d\d:\d\d", line), line
 
     start = run.records("start")[0]["config"]
     counts = parameter_counts(PRESETS["tiny"].arch, 1024)
     assert start["parameters"] == counts and start["rank0_local_parameters"] == counts["total"]
-    assert start["recipe"]["name"] == "bf16" and start["seed"] == 7 and start["padded_vocab_size"] == 1024
+    assert "recipe fp32: no quantized GEMMs (FP32)" in run.stdout  # COMMON has no --bf16
+    assert start["recipe"]["name"] == "fp32" and start["seed"] == 7 and start["padded_vocab_size"] == 1024
     with open(os.path.join(run.log_dir, "config.json")) as f:
         assert json.load(f)["global_batch_size"] == 8
     tb = os.path.join(run.log_dir, "tensorboard")
