@@ -175,7 +175,11 @@ def error_summary(error: BaseException) -> str:
         return os_error
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     named = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception): ", ln)]
-    return named[-1] if named else f"{type(error).__name__}: {lines[0] if lines else ''}"
+    summary = named[-1] if named else f"{type(error).__name__}: {lines[0] if lines else ''}"
+    short = re.search(r"unexpected pos \d+ vs \d+", str(error))
+    if short:  # torch.save's writer saw fewer bytes written than it wrote; the errno is lost
+        return f"a write came up short, {short.group(0)}: the disk is full or a limit was hit"
+    return summary
 
 
 def free_bytes(path: str) -> int:
