@@ -117,6 +117,8 @@ def test_write_failure_message(tmp_path, monkeypatch):
      "None; global metadata read failed: pickle data was truncated",
      "AssertionError: metadata is None; global metadata read failed: pickle data was truncated"),
     ("plain failure", "RuntimeError: plain failure"),
+    ("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598",
+     "a write came up short, unexpected pos 704 vs 598: the disk is full or a limit was hit"),
 ])
 def test_error_summary(text, summary):
     assert ci.error_summary(RuntimeError(text)) == summary
