@@ -16,7 +16,6 @@ import statistics
 from collections import deque
 
 import torch
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
 ACTIONS = ("abort", "skip")
 DEFAULT_LOSS_FACTOR = 10.0   # Megatron-LM's spiky-loss threshold
@@ -101,6 +100,8 @@ def guarded_step(optimizer, judge) -> tuple[bool, float | None, list[str]]:
     """megatron-core's optimizer step with `judge(grad_norm) -> reasons` between the gradient norm
     and the update: (updated, grad norm before clipping, reasons). The same operations as
     ChainedOptimizer.step (prepare, norm, clip by that norm, step), so a healthy run is unchanged."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
     if optimizer.prepare_grads():  # inf/NaN under FP16 loss scaling: megatron-core skips the step
         return False, None, []
     grad_norm = optimizer.get_grad_norm()

@@ -204,7 +204,8 @@ def _spawn(corpus, root):
 def test_kill_inside_a_save_and_at_a_random_point_resumes_exactly(reference, corpus, tmp_path):
     """kill -9 of the whole process group (1) while a checkpoint is being written, (2) at a random
     moment of training; each time the relaunch resumes and reproduces the uninterrupted run."""
-    rng = random.Random(int(os.environ.get("FAULT_SEED", time.time_ns() % 10**6)))
+    seed = int(os.environ.get("FAULT_SEED", time.time_ns() % 10**6))
+    rng = random.Random(seed)
     root = tmp_path / "ckpt"
     metrics = root / "metrics.jsonl"
 
@@ -221,7 +222,7 @@ def test_kill_inside_a_save_and_at_a_random_point_resumes_exactly(reference, cor
     start = steps_logged()
     _kill_when(proc, lambda: steps_logged() >= start + after and
                (time.sleep(delay) or True))
-    info = f"killed after {after} more steps + {delay:.3f} s (FAULT_SEED to repeat)"
+    info = f"killed after {after} more steps + {delay:.3f} s (repeat with FAULT_SEED={seed})"
     run = launch(args(corpus, root), nproc=1, log_dir=str(root))
     assert tracked(root) == ITERS and not leftovers(root), info
     assert integrity.check(str(root / "iter_0000008")) == [], info
