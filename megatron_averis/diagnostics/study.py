@@ -25,6 +25,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from megatron_averis.training.writers import read_records
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_SH = os.path.join(REPO, "examples", "pretrain", "train.sh")
 
@@ -53,14 +55,8 @@ class Job:
         path = os.path.join(self.run_dir, "metrics.jsonl")
         if not os.path.isfile(path):
             return None
-        last = None
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    last = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line being written
-        return last
+        records = read_records(path)  # a last line being written is left out
+        return records[-1] if records else None
 
     def finished(self) -> bool:
         rec = self.last_record()

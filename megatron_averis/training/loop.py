@@ -321,7 +321,9 @@ class Trainer:
             f"training diverged at step {self.iteration} ({'; '.join(reasons)})"
             + (f", {self.guard.skipped_in_a_row} diverged steps in a row (--max-skipped-steps "
                f"{a.max_skipped_steps})" if skipping else "")
-            + f". Nothing was saved after step {healthy}, the last healthy one; "
+            + (f". The weights are those of step {healthy}, the last healthy one (diverged "
+               "updates were skipped); " if skipping else
+               f". Nothing was saved after step {healthy}, the last healthy one; ")
             + (f"the latest checkpoint is iteration {found[0]} ({found[1]})" if found
                else "there is no checkpoint")
             + ". Resume with a lower --lr (--load, --ckpt-step)"

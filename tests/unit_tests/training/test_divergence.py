@@ -123,3 +123,30 @@ def test_guarded_step_updates_exactly_like_megatron_cores_step(files, bf16):  # 
         before = {k: v.clone() for k, v in model[0].state_dict().items() if isinstance(v, torch.Tensor)}
         assert guarded_step(opt, lambda n: ["diverged"])[0::2] == (False, ["diverged"])
         assert all(torch.equal(before[k], v) for k, v in model[0].state_dict().items() if k in before)
+
+
+def test_abort_is_logged_under_the_real_step_and_says_what_is_left(monkeypatch):
+    import torch
+
+    from megatron_averis.training import loop
+    from megatron_averis.training.divergence import TrainingDiverged
+
+    trainer = loop.Trainer.__new__(loop.Trainer)  # only what _diverged reads
+    trainer.args = SimpleNamespace(save=None, divergence_action="abort", max_skipped_steps=10)
+    trainer.guard = DivergenceGuard(guard_args(divergence_action="abort"))
+    records = []
+    trainer.logger = SimpleNamespace(record=lambda event, step, values: records.append(
+        (event, step, values)))
+    trainer.iteration, trainer.consumed_samples = 37, 148
+    monkeypatch.setattr(loop, "print0", lambda *parts: None)
+    with pytest.raises(TrainingDiverged) as e:
+        trainer._diverged(torch.tensor([float("nan"), 10.0]), float("inf"),
+                          ["loss is nan", "gradient norm is inf"])
+    assert str(e.value) == (
+        "training diverged at step 37 (loss is nan; gradient norm is inf). Nothing was saved after "
+        "step 36, the last healthy one; there is no checkpoint. Resume with a lower --lr (--load, "
+        "--ckpt-step), or pass --divergence-action skip to drop diverged steps (docs/training.md, "
+        "'When things go wrong')")
+    (event, step, values), = records
+    assert (event, step, values["action"], values["last_healthy_step"]) == ("divergence", 37, "abort", 36)
+    assert math.isnan(values["loss"]) and values["grad_norm"] == float("inf")

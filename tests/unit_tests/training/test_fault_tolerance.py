@@ -73,17 +73,26 @@ def test_every_checkpoint_has_a_verified_manifest(reference):
     assert written <= estimate <= 1.2 * written
 
 
-def test_damaged_shard_is_named_and_fallback_resumes_exactly(reference, corpus, tmp_path):
+def test_damaged_checkpoint_and_tracker_are_named_and_fallback_resumes_exactly(
+        reference, corpus, tmp_path):
     root = copy_run(reference, tmp_path)
     shard = root / "iter_0000008" / "__0_0.distcp"
     size = os.path.getsize(shard)
     os.truncate(shard, size // 2)
-    run = launch(args(corpus, root), nproc=1, log_dir=str(root), returncode=1)
+    run = launch(args(corpus, root, "--ckpt-step", "8"), nproc=1, log_dir=str(root), returncode=1)
     assert (f"error: checkpoint {root}/iter_0000008 is damaged: {shard} has {size // 2:,} bytes, the "
             f"manifest records {size:,} (truncated or overwritten). The newest intact earlier "
             f"checkpoint is iteration 6 ({root}/iter_0000006): resume it with --ckpt-step 6, or add "
             "--ckpt-fallback to fall back automatically") in run.stderr
     assert "[rank0]: Traceback" not in run.stderr and tracked(root) == 8
+
+    # With the tracker damaged too, the newest intact checkpoint of all is offered.
+    tracker = root / cd.TRACKER
+    tracker.write_text('{"iter')
+    run = launch(args(corpus, root), nproc=1, log_dir=str(root), returncode=1)
+    assert (f"error: checkpoint {tracker} is damaged: JSONDecodeError: Unterminated string starting "
+            f"at: line 1 column 2 (char 1). The newest intact checkpoint is iteration 6 "
+            f"({root}/iter_0000006): resume it with --ckpt-step 6") in run.stderr
 
     # Asked for, the fall-back resumes iteration 6 and reproduces steps 7-8 bit for bit.
     run = launch(args(corpus, root, "--ckpt-fallback"), nproc=1, log_dir=str(root))
@@ -91,16 +100,6 @@ def test_damaged_shard_is_named_and_fallback_resumes_exactly(reference, corpus, 
     assert_same_steps(run.by_step("train"), reference.by_step("train"), (7, 8))
     assert cd.find_latest_checkpoint(str(root)) == (8, f"{root}/iter_0000008.v2")
     assert integrity.check(f"{root}/iter_0000008.v2") == [] and not leftovers(root)
-
-
-def test_damaged_tracker_is_named_with_the_way_out(reference, corpus, tmp_path):
-    root = copy_run(reference, tmp_path)
-    tracker = root / cd.TRACKER
-    tracker.write_text('{"iter')
-    run = launch(args(corpus, root), nproc=1, log_dir=str(root), returncode=1)
-    assert (f"error: checkpoint {tracker} is damaged: JSONDecodeError: Unterminated string starting "
-            f"at: line 1 column 2 (char 1). The newest intact checkpoint is iteration 8 "
-            f"({root}/iter_0000008): resume it with --ckpt-step 8") in run.stderr
 
 
 def _file_size_limit(limit: int):
@@ -111,12 +110,12 @@ def _file_size_limit(limit: int):
     return apply
 
 
-def test_write_failure_keeps_the_previous_checkpoint_latest(corpus, tmp_path):
-    root = tmp_path / "ckpt"
-    launch(args(corpus, root, iters=2), nproc=1, log_dir=str(root))
-    before = {f: os.path.getsize(root / "iter_0000002" / f) for f in os.listdir(root / "iter_0000002")}
+def test_write_failure_keeps_the_previous_checkpoint_latest(reference, corpus, tmp_path):
+    root = copy_run(reference, tmp_path)
+    before = {f: os.path.getsize(root / "iter_0000008" / f) for f in os.listdir(root / "iter_0000008")}
     shard = max(size for name, size in before.items() if name.endswith(".distcp"))
-    run = launch(args(corpus, root, iters=4), nproc=1, log_dir=str(root), returncode=1,
+    # Resume step 6: the save of step 8 (a second version, iter_0000008.v2) fails.
+    run = launch(args(corpus, root, "--ckpt-step", "6"), nproc=1, log_dir=str(root), returncode=1,
                  preexec_fn=_file_size_limit(shard // 2))
     need = checkpoint_bytes(PRESETS["tiny"].arch, 1024, bf16=False)
     # Where the limit cuts a write decides what the writer reports: the OS error, or torch.save's
@@ -124,17 +123,18 @@ def test_write_failure_keeps_the_previous_checkpoint_latest(corpus, tmp_path):
     cause = (r"(\[Errno 27\] File too large|a write came up short, unexpected pos \d+ vs \d+: the "
              r"disk is full or a limit was hit)")
     assert re.search(
-        re.escape(f"error: writing the checkpoint into {root}/iter_0000004.tmp failed (") + cause
+        re.escape(f"error: writing the checkpoint into {root}/iter_0000008.tmp failed (") + cause
         + re.escape(f"). A checkpoint of this model needs about {need:,} bytes and the file system "
                     f"of {root} has ") + r"[\d,]+" + re.escape(
             f" bytes free. This process may write files of at most {shard // 2:,} bytes (ulimit -f)."
-            " Free space (or give another --save) and resume; the partial iter_0000004.tmp was "
-            f"removed, and the latest checkpoint is still iteration 2 ({root}/iter_0000002).\n"),
+            " Free space (or give another --save) and resume; the partial iter_0000008.tmp was "
+            f"removed, and the latest checkpoint is still iteration 8 ({root}/iter_0000008).\n"),
         run.stderr), run.stderr[-3000:]
-    assert not leftovers(root) and tracked(root) == 2
-    assert {f: os.path.getsize(root / "iter_0000002" / f) for f in before} == before
-    assert integrity.check(str(root / "iter_0000002")) == []
-    assert [r["step"] for r in run.records("checkpoint")] == [2]  # no record of the failed save
+    assert not leftovers(root) and not os.path.exists(root / "iter_0000008.v2")
+    assert cd.find_latest_checkpoint(str(root)) == (8, f"{root}/iter_0000008")
+    assert {f: os.path.getsize(root / "iter_0000008" / f) for f in before} == before
+    assert integrity.check(str(root / "iter_0000008")) == []
+    assert [r["step"] for r in run.records("checkpoint")] == [2, 4, 6, 8]  # none for the failure
 
 
 def test_unwritable_save_stops_before_training(corpus, tmp_path):
@@ -149,23 +149,9 @@ def test_unwritable_save_stops_before_training(corpus, tmp_path):
     assert not os.path.exists(tmp_path / "logs" / "metrics.jsonl")
 
 
-def test_divergence_aborts_without_saving_after_the_last_healthy_step(corpus, tmp_path):
-    root = tmp_path / "ckpt"
-    run = launch(args(corpus, root, *BLOW_UP), nproc=1,
-                 log_dir=str(root), returncode=1)
-    div = run.records("divergence")
-    assert [(d["step"], d["action"], d["last_healthy_step"]) for d in div] == [(2, "abort", 1)]
-    first = run.by_step("train")[1]["loss"]
-    assert div[0]["loss"] > 10 * first
-    assert div[0]["reasons"] == [f"loss {div[0]['loss']:.6g} > 10 x {first:.6g}, the median of the "
-                                 "last 1 healthy steps"]
-    assert ("Nothing was saved after step 1, the last healthy one; the latest checkpoint is "
-            f"iteration 1 ({root}/iter_0000001)") in run.stderr
-    assert [it for it, _ in cd.committed_checkpoints(str(root))] == [1] and tracked(root) == 1
-    assert sorted(run.by_step("train")) == [1] and not run.records("end")
-
-
-def test_skipped_steps_leave_the_weights_of_the_last_healthy_step(corpus, tmp_path):
+def test_divergence_is_logged_skipped_then_aborted_and_never_saved(corpus, tmp_path):
+    """--lr 100: every step after the first diverges. Skipped steps change no weight (their
+    checkpoints hold step 1's), and the abort saves nothing."""
     from megatron_averis.diagnostics import checkpoint as ckpt
 
     root = tmp_path / "ckpt"
@@ -175,8 +161,16 @@ def test_skipped_steps_leave_the_weights_of_the_last_healthy_step(corpus, tmp_pa
     div = run.records("divergence")
     assert [(d["step"], d["action"], d["last_healthy_step"]) for d in div] == [
         (2, "skip", 1), (3, "skip", 1), (4, "abort", 1)]
-    assert "3 diverged steps in a row (--max-skipped-steps 2)" in run.stderr
-    assert [it for it, _ in cd.committed_checkpoints(str(root))] == [1, 2, 3]
+    first = run.by_step("train")[1]["loss"]
+    assert div[0]["loss"] > 10 * first and div[0]["reasons"] == [
+        f"loss {div[0]['loss']:.6g} > 10 x {first:.6g}, the median of the last 1 healthy steps"]
+    assert (f"error: training diverged at step 4 ({div[2]['reasons'][0]}), 3 diverged steps in a "
+            "row (--max-skipped-steps 2). The weights are those of step 1, the last healthy one "
+            "(diverged updates were skipped); the latest checkpoint is iteration 3 "
+            f"({root}/iter_0000003). Resume with a lower --lr "
+            "(--load, --ckpt-step)") in run.stderr
+    assert [it for it, _ in cd.committed_checkpoints(str(root))] == [1, 2, 3] and tracked(root) == 3
+    assert not run.records("end") and not leftovers(root)
     with ckpt.single_process():
         weights = [ckpt.load_model(ckpt.find(str(root), it)).state_dict() for it in (1, 3)]
     assert all(weights[0][k].equal(weights[1][k]) for k in weights[0] if "_extra_state" not in k)
