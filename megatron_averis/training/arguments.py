@@ -206,11 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
                    default=True, help="treat a NaN/Inf loss or gradient norm as divergence")
     g.add_argument("--check-for-spiky-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="treat a loss above --spiky-loss-factor x the running median as divergence")
-    g.add_argument("--spiky-loss-factor", type=float, default=divergence.DEFAULT_LOSS_FACTOR)
+    g.add_argument("--spiky-loss-factor", type=float, default=divergence.DEFAULT_LOSS_FACTOR,
+                   help="multiple of the running median loss that counts as a spike")
     g.add_argument("--check-for-large-grads", action="store_true",
                    help="treat a gradient norm above --large-grads-factor x the running median as "
                         "divergence")
-    g.add_argument("--large-grads-factor", type=float, default=divergence.DEFAULT_GRAD_FACTOR)
+    g.add_argument("--large-grads-factor", type=float, default=divergence.DEFAULT_GRAD_FACTOR,
+                   help="multiple of the running median gradient norm that counts as a spike")
     g.add_argument("--divergence-window", type=int, default=divergence.DEFAULT_WINDOW,
                    help="healthy steps in the running medians")
     g.add_argument("--divergence-action", choices=divergence.ACTIONS, default="abort",
