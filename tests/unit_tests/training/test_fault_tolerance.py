@@ -137,15 +137,21 @@ def test_write_failure_keeps_the_previous_checkpoint_latest(reference, corpus, t
     assert [r["step"] for r in run.records("checkpoint")] == [2, 4, 6, 8]  # none for the failure
 
 
-def test_unwritable_save_stops_before_training(corpus, tmp_path):
+def test_unwritable_save_stops_before_training(corpus, tmp_path, capsys, monkeypatch):
+    """The program's own entry point (in this process: it stops before any process group)."""
+    from megatron_averis.training.loop import main
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
     blocker = tmp_path / "file"
     blocker.write_text("")
     save = blocker / "ckpt"
-    run = launch(COMMON + data_args(corpus) + ["--train-iters", "2", "--save", str(save)], nproc=1,
-                 log_dir=str(tmp_path / "logs"), returncode=1)  # torchrun's, for the worker's 2
-    assert "exitcode  : 2" in run.stderr
-    assert (f"--save '{save}' is not writable (NotADirectoryError: Not a directory); choose a "
-            "directory you can write to, or fix its permissions") in run.stderr
+    argv = COMMON + data_args(corpus) + ["--train-iters", "2", "--save", str(save), "--log-dir",
+                                         str(tmp_path / "logs")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: invalid configuration:\n  - --save '{save}' is not writable (NotADirectoryError: "
+        "Not a directory); choose a directory you can write to, or fix its permissions\n")
     assert not os.path.exists(tmp_path / "logs" / "metrics.jsonl")
 
 
