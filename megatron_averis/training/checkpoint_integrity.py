@@ -23,10 +23,11 @@ import re
 import resource
 import shutil
 
+from megatron_averis.training.checkpoint_dirs import TRAIN_STATE as _TRAIN_STATE  # commit() writes it
+
 MANIFEST = "checkpoint_manifest.json"
 CHECKSUMS = ("sha256", "size")
 _FORMAT = 1
-_TRAIN_STATE = "train_state.json"  # written by checkpoint_dirs.commit after the manifest
 _CHUNK = 8 << 20
 
 
