@@ -8,7 +8,6 @@ clips the global gradient norm and steps, and the LR schedule advances by one gl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -25,7 +24,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_averis.linear.sr_step import SR_STEP
 from megatron_averis.training import data as data_lib
 from megatron_averis.training import distributed
-from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args
+from megatron_averis.training.arguments import (ConfigError, finalize_args, parse_args,
+                                                resolved_config)
 from megatron_averis.training.checkpointing import Checkpointer
 from megatron_averis.training.cpu_compat import cpu_training
 from megatron_averis.training import cuda_graph
@@ -62,10 +62,7 @@ def run_config(args, tokenizer) -> dict:
     """Everything that defines the run, identical on every rank (it goes into checkpoints)."""
     import megatron.core
 
-    skip = {"arch", "recipe"}
-    cfg = {k: v for k, v in vars(args).items() if k not in skip}
-    cfg["arch"] = args.arch.as_dict()
-    cfg["recipe"] = dataclasses.asdict(args.recipe)
+    cfg = resolved_config(args)
     cfg["tokenizer"] = {"vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod}
     cfg["world_size"] = torch.distributed.get_world_size()
     cfg["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
@@ -92,8 +89,9 @@ class Trainer:
         seed_everything(args.seed, parallel_state.get_pipeline_model_parallel_rank())
 
         self.tokenizer = data_lib.load_tokenizer(args)
-        args.vocab_size = self.tokenizer.vocab_size
-        args.padded_vocab_size = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by,
+        args.tokenizer_vocab_size = self.tokenizer.vocab_size
+        args.padded_vocab_size = padded_vocab_size(args.tokenizer_vocab_size,
+                                                   args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
 
         self._build_model_and_optimizer()
@@ -124,7 +122,8 @@ class Trainer:
         self.flops_per_iteration = training_flops_per_iteration(
             args.arch, args.padded_vocab_size, args.seq_length, args.global_batch_size)
         self.peak, self.peak_text = peak_tflops(device, args.peak_tflops)
-        self.stop_requested = False
+        self.stop_requested = self.signalled = False
+        self.launched = time.monotonic()
         if args.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self._report_setup()
@@ -165,7 +164,8 @@ class Trainer:
             f"model {a.model_preset or 'custom'}: {_millions(counts['total'])} parameters "
             f"(embedding {_millions(counts['embedding'])} {tied}, decoder "
             f"{_millions(counts['decoder'])}); this rank holds {_millions(self.local_parameters)}",
-            f"vocabulary {a.vocab_size} from {a.tokenizer_model}, padded to {a.padded_vocab_size}",
+            f"vocabulary {a.tokenizer_vocab_size} from {a.tokenizer_type} "
+            f"{a.tokenizer_model or ''}, padded to {a.padded_vocab_size}",
             f"precision: {'BF16' if a.bf16 else 'FP32'} parameters, FP32 main grads"
             f"{', distributed optimizer' if a.use_distributed_optimizer else ''}",
             a.recipe.describe(),
@@ -182,6 +182,7 @@ class Trainer:
             f"logs: {a.log_dir} (metrics.jsonl, config.json), TensorBoard {a.tensorboard_dir}",
         ]
         lines += self.logger.messages
+        lines += a.ignored_flags
         if self.resumed_from:
             r = self.resumed_from
             lines.append(f"resumed from {r['loaded_from']} at iteration {r['iteration']} "
@@ -201,7 +202,7 @@ class Trainer:
             self.logger.record("start", self.iteration, {"config": start})
 
     def _on_sigterm(self, signum, frame) -> None:
-        self.stop_requested = True
+        self.stop_requested = self.signalled = True
 
     # -- one step -----------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -345,12 +346,16 @@ class Trainer:
                 window_losses, window_norms, skipped = [], [], 0
                 window_start, window_excluded, window_iters = time.monotonic(), 0.0, 0
 
-            if self.valid_ds is not None and self.iteration % a.eval_interval == 0:
+            if (self.valid_ds is not None and a.eval_interval
+                    and self.iteration % a.eval_interval == 0):
                 window_excluded += self._validate("valid", self.valid_ds)
             if a.save_interval and self.iteration % a.save_interval == 0:
                 window_excluded += self._save()
-            if a.exit_signal_handler and self._stop_agreed():
-                print0(f"SIGTERM received: saving and stopping at step {self.iteration}")
+            if a.exit_duration_in_mins is not None:
+                self.stop_requested |= (time.monotonic() - self.launched) / 60 > a.exit_duration_in_mins
+            if (a.exit_signal_handler or a.exit_duration_in_mins is not None) and self._stop_agreed():
+                print0(f"{'SIGTERM received' if self.signalled else '--exit-duration-in-mins reached'}"
+                       f": saving and stopping at step {self.iteration}")
                 stopped_by_signal = True
                 break
 
@@ -374,6 +379,23 @@ def _eval_tokens(args) -> int:
     return args.eval_iters * args.global_batch_size * args.seq_length
 
 
+def dry_run_report(args) -> str:
+    """--dry-run: the resolved configuration (JSON) and what the model will be, without training.
+    The tokenizer is loaded (its files are checked and the vocabulary sized)."""
+    tokenizer = data_lib.load_tokenizer(args)
+    padded = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                               args.tensor_model_parallel_size)
+    counts = parameter_counts(args.arch, padded)
+    cfg = {**resolved_config(args), "tokenizer_vocab_size": tokenizer.vocab_size,
+           "padded_vocab_size": padded, "parameters": counts}
+    lines = [json.dumps(cfg, indent=2, sort_keys=True),
+             f"dry run: configuration valid; model {_millions(counts['total'])} parameters, "
+             f"{args.recipe.name} recipe, {args.train_iters} steps of "
+             f"{args.global_batch_size} x {args.seq_length} tokens"]
+    lines += args.ignored_flags
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = distributed.LaunchEnv.from_environ()
@@ -383,6 +405,10 @@ def main(argv=None) -> int:
         if env.rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    if args.dry_run:
+        if env.rank == 0:
+            print(dry_run_report(args))
+        return 0
     device = distributed.device_for(env)
     if args.deterministic_mode:
         # Before CUDA and NCCL start: both read these once.

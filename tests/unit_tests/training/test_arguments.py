@@ -130,7 +130,8 @@ def test_all_problems_reported_at_once(files):
 
 def test_schedule_and_validation_problems(files):
     assert "--lr-decay-style WSD needs --lr-wsd-decay-iters" in problems(files, "--lr-decay-style", "WSD")
-    assert "--lr-warmup-iters 100 must be >= 0 and below --lr-decay-iters 100" in problems(
+    # 100 iterations x global batch 2 = 200 samples
+    assert "the LR warm-up (200 samples) must be >= 0 and shorter than the decay (200 samples)" in problems(
         files, "--lr-warmup-iters", "100")
     assert "no validation data" in problems(files, "--split", "100,0,0")
     assert finalize(files, "--split", "100,0,0", "--eval-iters", "0").has_valid_data is False
