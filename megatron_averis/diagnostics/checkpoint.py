@@ -76,7 +76,8 @@ def find(load: str, step: int | None = None) -> CheckpointInfo:
     if "config" not in common:
         raise ValueError(f"{path} has no run configuration; it was not written by "
                          "megatron_averis.pretrain")
-    return CheckpointInfo(path, iteration, common["config"])
+    return CheckpointInfo(path, common["iteration"] if iteration is None else iteration,
+                          common["config"])
 
 
 def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:

@@ -83,6 +83,12 @@ def averis_layer_spec(recipe: Recipe, qk_layernorm: bool, *,
                 submodules=MLPSubmodules(linear_fc1=linear(col), linear_fc2=linear(row)),
             ),
             mlp_bda=get_bias_dropout_add,
+            # Checkpoint keys of megatron-core's TE spec (the norms fused into the next linear),
+            # as its local spec maps them: checkpoints load across the two and Megatron-LM.
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
         ),
     )
 

@@ -18,7 +18,8 @@ from megatron_averis.recipes import PRESETS as RECIPE_PRESETS
 from megatron_averis.recipes import DEPRECATED_NAMES as DEPRECATED_RECIPES
 from megatron_averis.recipes import RecipeError, canonical_name, check_linear_shape, check_token_count, get_recipe
 from megatron_averis.training import megatron_flags
-from megatron_averis.training.checkpoint_dirs import find_latest_checkpoint
+from megatron_averis.training.checkpoint_dirs import (UnrecognisedCheckpoint, find_checkpoint,
+                                                     find_latest_checkpoint)
 from megatron_averis.training.presets import PRESETS as MODEL_PRESETS
 from megatron_averis.training.presets import ModelArch
 
@@ -743,6 +744,11 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         problems.append("--exit-signal-handler saves a checkpoint on SIGTERM and needs --save DIR")
     if args.ckpt_step is not None and not args.load:
         problems.append("--ckpt-step needs --load DIR")
+    if args.load:
+        try:
+            find_checkpoint(args.load, args.ckpt_step)
+        except (UnrecognisedCheckpoint, FileNotFoundError) as e:
+            problems.append(str(e))
     if args.save and not args.load:
         try:
             latest = find_latest_checkpoint(args.save)

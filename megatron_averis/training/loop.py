@@ -185,10 +185,16 @@ class Trainer:
         lines += a.ignored_flags
         if self.resumed_from:
             r = self.resumed_from
-            lines.append(f"resumed from {r['loaded_from']} at iteration {r['iteration']} "
-                         f"({r['consumed_train_samples']:,} samples consumed; loaded in {r['seconds']} s)"
-                         + ("" if r["rng_restored"] else "; RNG state not restored")
-                         + ("" if r["optimizer_restored"] else "; optimizer state not restored"))
+            if r["finetune"]:
+                lines.append(f"weights of {r['source']} checkpoint {r['loaded_from']} (iteration "
+                             f"{r['loaded_iteration']}); training starts at iteration 0 "
+                             "(--finetune, or no optimizer state in the checkpoint)")
+            else:
+                lines.append(f"resumed from {r['loaded_from']} ({r['source']}) at iteration "
+                             f"{r['iteration']} ({r['consumed_train_samples']:,} samples consumed; "
+                             f"loaded in {r['seconds']} s)"
+                             + ("" if r["rng_restored"] else "; RNG state not restored")
+                             + ("" if r["optimizer_restored"] else "; optimizer state not restored"))
         elif a.load:
             lines.append(f"--load {a.load}: no checkpoint yet, starting from scratch")
         print0("\n".join(lines))
@@ -285,6 +291,7 @@ class Trainer:
             "consumed_train_tokens": self.consumed_samples * self.args.seq_length,
             "seed": self.args.seed,
             "global_batch_size": self.args.global_batch_size,
+            "floating_point_operations": self.iteration * self.flops_per_iteration,
         }
         path, seconds = self.checkpointer.save(self.iteration, train_state)
         print0(f"saved checkpoint of step {self.iteration} to {path} in {seconds:.1f} s")
@@ -300,7 +307,8 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------
     def train(self) -> None:
         a = self.args
-        self.last_saved = self.iteration if self.resumed_from else None
+        self.last_saved = (self.iteration if self.resumed_from and not self.resumed_from["finetune"]
+                           else None)
         self.last_validated = None
         loader = data_lib.make_loader(self.train_ds, self.consumed_samples,
                                       a.train_iters * a.global_batch_size, a, self.dp_rank,

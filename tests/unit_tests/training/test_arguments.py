@@ -142,12 +142,15 @@ def test_checkpoint_flags(files, tmp_path):
     save = tmp_path / "ckpt"
     save.mkdir()
     (save / "iter_0000005").mkdir()
-    for name in ("metadata.json", "train_state.json"):
+    for name in ("metadata.json", "common.pt"):
         (save / "iter_0000005" / name).write_text("{}")
-    (save / "latest_checkpoint.json").write_text('{"iteration": 5, "dir": "iter_0000005"}')
+    (save / "latest_checkpointed_iteration.txt").write_text("5\n")
     msg = problems(files, "--save", str(save))
     assert "already holds a checkpoint (iteration 5)" in msg and f"--load {save}" in msg
     finalize(files, "--save", str(save), "--load", str(save))
+    (save / "latest_checkpointed_iteration.txt").unlink()  # checkpoint files but no tracker
+    assert "holds checkpoint files (iter_0000005) but no latest_checkpointed_iteration.txt" in problems(
+        files, "--save", str(save), "--load", str(save))
 
 
 def test_wandb_mode_needs_wandb(files, monkeypatch):

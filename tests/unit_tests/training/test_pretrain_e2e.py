@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 ITERS = 4
 COMMON = ["--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
           "--global-batch-size", "8", "--train-iters", str(ITERS), "--lr", "2e-3",
-          "--lr-warmup-iters", "1", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1",
+          "--lr-warmup-iters", "1", "--lr-decay-style", "cosine", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1",
           "--seed", "7", "--wandb-mode", "disabled"]
 # Every float a resumed run must reproduce bit for bit.
 EXACT = ("loss", "grad_norm", "lr")
@@ -65,10 +65,15 @@ def test_run_logs_progress_metrics_config_and_tensorboard(reference_run, corpus)
     tb = os.path.join(run.log_dir, "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
 
-    with open(os.path.join(run.log_dir, "latest_checkpoint.json")) as f:
-        assert json.load(f) == {"iteration": 4, "dir": "iter_0000004"}
-    with open(os.path.join(run.log_dir, "iter_0000002", "train_state.json")) as f:
-        assert json.load(f)["consumed_train_samples"] == 16
+    # Megatron-LM's layout: its tracker, and its common state (iteration, args, schedule).
+    with open(os.path.join(run.log_dir, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "4"
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(os.path.join(run.log_dir, "iter_0000002"))
+    assert (common["iteration"], common["checkpoint_version"]) == (2, 3.0)
+    assert (common["args"].consumed_train_samples, common["args"].num_layers) == (16, 2)
+    assert common["opt_param_scheduler"]["num_steps"] == 16  # samples, as Megatron-LM counts
     assert [r["step"] for r in run.records("checkpoint")] == [2, 4]
 
 
