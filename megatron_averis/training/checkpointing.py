@@ -14,6 +14,7 @@ import time
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
@@ -178,7 +179,7 @@ class Checkpointer:
                                    if k != "distrib_optim_sharding_type"
                                    or self.args.use_distributed_optimizer})
         has_optim = any(k.startswith("optimizer") for k in
-                        dist_checkpointing.load_sharded_metadata(path))
+                        load_sharded_metadata(path))
         finetune = self.args.finetune or not has_optim
         load_optim = has_optim and not (self.args.no_load_optim or finetune)
         load_rng = (ours and not (self.args.no_load_rng or finetune)
