@@ -36,7 +36,7 @@ from megatron_averis.training.optim import build_optimizer, build_scheduler, wra
 from megatron_averis.training.presets import (padded_vocab_size, parameter_counts,
                                               training_flops_per_iteration)
 from megatron_averis.training.rng_state import seed_everything
-from megatron_averis.training.writers import RunLogger
+from megatron_averis.training.writers import RunLogger, new_launch_id, wandb_run_id
 
 
 def print0(*parts) -> None:
@@ -117,7 +117,8 @@ class Trainer:
         print0(f"datasets ready in {time.monotonic() - start:.1f} s: train {len(self.train_ds):,} "
                f"samples" + (f", valid {len(self.valid_ds):,}" if self.valid_ds is not None else "")
                + (f", test {len(self.test_ds):,}" if self.test_ds is not None else ""))
-        self.logger = RunLogger(args, self.config_dict, enabled=torch.distributed.get_rank() == 0)
+        self.logger = RunLogger(args, self.config_dict, enabled=torch.distributed.get_rank() == 0,
+                                wandb_id=self._wandb_id())
         self.tokens_per_iteration = args.global_batch_size * args.seq_length
         self.flops_per_iteration = training_flops_per_iteration(
             args.arch, args.padded_vocab_size, args.seq_length, args.global_batch_size)
@@ -127,6 +128,16 @@ class Trainer:
         if args.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self._report_setup()
+
+    def _wandb_id(self) -> str:
+        """The resumed run's wandb id (kept in its checkpoints), else a new launch's, the same on
+        every rank."""
+        r = self.resumed_from
+        if r and not r["finetune"] and r.get("wandb_run_id"):
+            return r["wandb_run_id"]
+        chosen = [wandb_run_id(self.args.run_name, new_launch_id())]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        return chosen[0]
 
     def _build_model_and_optimizer(self) -> None:
         """Model chunks wrapped in DDP, the optimizer and the LR schedule, from self.args (vocabulary
@@ -292,6 +303,7 @@ class Trainer:
             "seed": self.args.seed,
             "global_batch_size": self.args.global_batch_size,
             "floating_point_operations": self.iteration * self.flops_per_iteration,
+            "wandb_run_id": self.logger.wandb_id,
         }
         path, seconds = self.checkpointer.save(self.iteration, train_state)
         print0(f"saved checkpoint of step {self.iteration} to {path} in {seconds:.1f} s")
