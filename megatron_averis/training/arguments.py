@@ -25,7 +25,12 @@ from megatron_averis.training.presets import ModelArch
 
 FP4_RECIPES = tuple(name for name in RECIPE_PRESETS if name != "bf16")
 FP4_RECIPE_CHOICES = FP4_RECIPES + ("custom",) + tuple(DEPRECATED_RECIPES)
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+# Megatron-LM's names; both sentencepiece names load the model as GPTSentencePieceTokenizer does
+# (end of document = the model's EOS, no added tokens).
+TOKENIZER_LIBRARIES = {"GPTSentencePieceTokenizer": "sentencepiece",
+                       "SentencePieceTokenizer": "sentencepiece",
+                       "HuggingFaceTokenizer": "huggingface", "NullTokenizer": None}
+TOKENIZER_TYPES = tuple(TOKENIZER_LIBRARIES)
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
@@ -394,7 +399,7 @@ def _tokenizer_problems(args) -> list[str]:
                 "sentencepiece .model or a HuggingFace tokenizer directory / tokenizer.json "
                 "(tools/train_tokenizer.py trains one)"]
     detected = _detect_tokenizer_type(args.tokenizer_model)
-    if detected != kind:
+    if TOKENIZER_LIBRARIES[detected] != TOKENIZER_LIBRARIES[kind]:
         return [f"--tokenizer-type {kind} but --tokenizer-model {args.tokenizer_model!r} is a "
                 f"{detected} file; give the matching --tokenizer-type"]
     return []
@@ -403,7 +408,7 @@ def _tokenizer_problems(args) -> list[str]:
 def _detect_tokenizer_type(path: str) -> str:
     from megatron_averis.data.backends import detect_library
 
-    return {"sentencepiece": "SentencePieceTokenizer",
+    return {"sentencepiece": "GPTSentencePieceTokenizer",
             "huggingface": "HuggingFaceTokenizer"}[detect_library(path)]
 
 

@@ -38,9 +38,9 @@ def load_tokenizer(args):
         from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 
         return NullTokenizer(args.vocab_size)
-    library = {"SentencePieceTokenizer": "sentencepiece",
-               "HuggingFaceTokenizer": "huggingface"}[args.tokenizer_type]
-    return build_tokenizer(args.tokenizer_model, library)
+    from megatron_averis.training.arguments import TOKENIZER_LIBRARIES
+
+    return build_tokenizer(args.tokenizer_model, TOKENIZER_LIBRARIES[args.tokenizer_type])
 
 
 def dataset_config(args, tokenizer) -> GPTDatasetConfig:

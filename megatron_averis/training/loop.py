@@ -27,6 +27,7 @@ from megatron_averis.training import distributed
 from megatron_averis.training.arguments import (ConfigError, finalize_args, parse_args,
                                                 resolved_config)
 from megatron_averis.training.checkpointing import Checkpointer
+from megatron_averis.training.config import ModelConfig
 from megatron_averis.training.cpu_compat import cpu_training
 from megatron_averis.training import cuda_graph
 from megatron_averis.training.metrics import (format_duration, interval_stats, memory_gib,
@@ -143,8 +144,9 @@ class Trainer:
         """Model chunks wrapped in DDP, the optimizer and the LR schedule, from self.args (vocabulary
         sizes set) on self.device. Also how benchmarks/model_step.py builds them."""
         args, device = self.args, self.device
-        self.config = transformer_config(args, device)
-        model = build_model(args, self.config, device)
+        self.model_config = ModelConfig.from_args(args)
+        self.config = transformer_config(self.model_config, device)
+        model = build_model(self.model_config, self.config, device)
         self.local_parameters = count_local_parameters(model)
         self.model = wrap_data_parallel(args, self.config, model)
         self.optimizer = build_optimizer(args, self.config, self.model)
@@ -164,6 +166,7 @@ class Trainer:
     def _report_setup(self) -> None:
         a = self.args
         counts = parameter_counts(a.arch, a.padded_vocab_size)
+        steps = a.lr_schedule_samples
         device = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU")
         tied = "tied with the output layer" if a.arch.tie_embeddings else \
             f"+ output layer {_millions(counts['output_layer'])}"
@@ -184,9 +187,10 @@ class Trainer:
             f"{a.num_microbatches} micro-batches x DP {self.dp_size}; seq {a.seq_length}; "
             f"{self.tokens_per_iteration:,} tokens/step; "
             f"{a.train_iters * self.tokens_per_iteration:,} tokens in {a.train_iters} steps",
-            f"lr: {a.lr_decay_style} {a.lr:g} -> {a.min_lr:g}, warm-up {a.lr_warmup_iters} iters "
-            f"from {a.lr_warmup_init:g}" + (f", WSD decay {a.lr_wsd_decay_iters} iters "
-                                           f"({a.lr_wsd_decay_style})" if a.lr_decay_style == "WSD" else "")
+            f"lr: {a.lr_decay_style} {a.lr:g} -> {a.min_lr:g} over {steps['decay']:,} samples, "
+            f"warm-up {steps['warmup']:,} samples from {a.lr_warmup_init:g}"
+            + (f", WSD decay {steps['wsd']:,} samples ({a.lr_wsd_decay_style})"
+               if a.lr_decay_style == "WSD" else "")
             + f"; clip-grad {a.clip_grad:g}; seed {a.seed}",
             f"model FLOPs: {self.flops_per_iteration / 1e12:,.2f} TFLOP per step; MFU against "
             f"{self.peak_text}",

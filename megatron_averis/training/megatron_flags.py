@@ -216,8 +216,13 @@ def problems(args, values: dict) -> list[str]:
 def notes(args) -> list[str]:
     """One line per given flag of NO_EFFECT, saying why."""
     defaults, flags = _parser_defaults(), _flag_names()
-    return [f"{flags[dest]}: accepted, no effect here ({why})"
-            for dest, why in NO_EFFECT.items() if getattr(args, dest) != defaults[dest]]
+    found = [f"{flags[dest]}: accepted, no effect here ({why})"
+             for dest, why in NO_EFFECT.items() if getattr(args, dest) != defaults[dest]]
+    if args.tokenizer_type == "SentencePieceTokenizer":
+        found.append("--tokenizer-type SentencePieceTokenizer: read as GPTSentencePieceTokenizer "
+                     "(end of document = the model's EOS; Megatron-LM's SentencePieceTokenizer "
+                     "appends <CLS>/<SEP>/<EOD>/<MASK> to the vocabulary instead)")
+    return found
 
 
 def _show(value) -> str:

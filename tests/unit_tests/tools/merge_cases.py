@@ -3,6 +3,7 @@ PP layout (spawned processes import this module by name)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zlib
@@ -34,8 +35,8 @@ def save_worker(rank, tp, pp, out_dir):
 
     parallel_state.initialize_model_parallel(tp, pp)
     try:
-        args = ckpt.model_args(CONFIG)
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+        args = dataclasses.replace(ckpt.model_config(CONFIG), tensor_model_parallel_size=tp,
+                                   pipeline_model_parallel_size=pp)
         torch.manual_seed(0)
         cpu = torch.device("cpu")
         with cpu_training():

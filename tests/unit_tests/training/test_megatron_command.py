@@ -145,3 +145,22 @@ def test_tokenizer_types(tmp_path):
     with pytest.raises(SystemExit):  # GPT-2 BPE and others: argparse names the supported types
         parse_args(stored_command(tmp_path, drop=("--tokenizer-type",),
                                   add=["--tokenizer-type", "GPT2BPETokenizer"]))
+
+
+def test_sentencepiece_tokenizer_types(tmp_path):
+    model = tmp_path / "tok.model"
+    model.write_bytes(b"")  # start-up checks only its existence and kind
+    base = stored_command(tmp_path, drop=("--tokenizer-type", "--vocab-size", "--mock-data"),
+                          add=["--tokenizer-model", str(model), "--data-path", str(tmp_path / "x")])
+
+    def resolved(*extra):
+        args = parse_args(base + list(extra))
+        with pytest.raises(ConfigError):  # the dataset does not exist; the tokenizer is resolved
+            finalize_args(args, 1)
+        return args
+
+    assert resolved().tokenizer_type == "GPTSentencePieceTokenizer"  # from the .model file
+    assert resolved("--tokenizer-type", "SentencePieceTokenizer").tokenizer_type == "SentencePieceTokenizer"
+    with pytest.raises(ConfigError) as e:
+        finalize_args(parse_args(base + ["--tokenizer-type", "HuggingFaceTokenizer"]), 1)
+    assert "is a GPTSentencePieceTokenizer file; give the matching --tokenizer-type" in str(e.value)
