@@ -10,7 +10,7 @@ import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import import_module
-from test_model import BATCH, LLAMA, QWEN3, SEQ, config_for, expected_parameter_count, reference_loss, tokens
+from test_model import LLAMA, QWEN3, SEQ, config_for, expected_parameter_count, reference_loss, tokens
 
 from megatron_averis.megatron import cpu_compat
 from megatron_averis.megatron.norm import RMSNorm

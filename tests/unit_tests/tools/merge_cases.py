@@ -4,8 +4,6 @@ PP layout (spawned processes import this module by name)."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import zlib
 
 import torch
@@ -47,10 +45,10 @@ def save_worker(rank, tp, pp, out_dir):
                         seed = zlib.crc32(f"{name}/{parallel_state.get_pipeline_model_parallel_rank()}"
                                           .encode())
                         p.normal_(1.0, 0.2, generator=torch.Generator().manual_seed(seed))
-            dist_checkpointing.save({"model": model.sharded_state_dict(), "config": CONFIG}, out_dir)
-        if rank == 0:
-            with open(os.path.join(out_dir, "train_state.json"), "w") as f:
-                json.dump({"iteration": 7}, f)
+            # What the trainer's checkpoint holds for the tools: the model, the run configuration
+            # and (common state, as in Megatron-LM's layout) the iteration.
+            dist_checkpointing.save({"model": model.sharded_state_dict(), "config": CONFIG,
+                                     "iteration": 7}, out_dir)
         offset = model.decoder.layers[0].layer_number - 1
         return {"offset": offset, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                 "state": {k: v.detach().clone() for k, v in model.state_dict().items()
