@@ -356,7 +356,8 @@ def _recipe_from_args(args, problems: list[str]):
     args.fp4_recipe = _recipe_name(args, problems)
     if args.transformer_impl is None:
         # Megatron-LM's custom recipe is a Transformer Engine CustomRecipe.
-        args.transformer_impl = "transformer_engine" if args.fp4_recipe_requested == "custom" else "local"
+        custom = args.fp4_recipe_requested == "custom"
+        args.transformer_impl = "transformer_engine" if custom else "local"
     overrides = list(args.fp4_recipe_override)
     if args.first_last_layers_bf16:
         start = 1 if args.num_layers_at_start_in_bf16 is None else args.num_layers_at_start_in_bf16
@@ -384,7 +385,8 @@ def _tokenizer_problems(args) -> list[str]:
     kind = args.tokenizer_type
     if kind is None:
         return ["no tokenizer: give --tokenizer-model (a sentencepiece .model or a HuggingFace "
-                "tokenizer directory), or --mock-data --tokenizer-type NullTokenizer --vocab-size N"]
+                "tokenizer directory), or --mock-data --tokenizer-type NullTokenizer "
+                "--vocab-size N"]
     if kind == "NullTokenizer":
         if args.vocab_size is None or args.vocab_size < 1:
             return ["--tokenizer-type NullTokenizer needs --vocab-size N (its vocabulary without "
@@ -548,10 +550,10 @@ def _megatron_semantics(args) -> list[str]:
     problems = []
     unit, other = ("samples", "iters") if args.train_samples is not None else ("iters", "samples")
     for name in ("lr_decay", "lr_warmup", "lr_wsd_decay"):
-        value = getattr(args, f"{name}_{other}")
-        if value not in (None, 0):
-            problems.append(f"--{name.replace('_', '-')}-{other} does not go with --train-{unit} "
-                            f"(Megatron-LM: {unit}-based training); use --{name.replace('_', '-')}-{unit}")
+        flag = "--" + name.replace("_", "-")
+        if getattr(args, f"{name}_{other}") not in (None, 0):
+            problems.append(f"{flag}-{other} does not go with --train-{unit} (Megatron-LM: "
+                            f"{unit}-based training); use {flag}-{unit}")
     if args.lr_warmup_fraction is not None and (args.lr_warmup_iters or args.lr_warmup_samples):
         problems.append("give one of --lr-warmup-fraction and --lr-warmup-iters/samples")
     if args.recompute_activations:

@@ -29,8 +29,9 @@ _SUPERSEDED = ".superseded"
 _NAME = re.compile(r"^iter_(\d{7,})$")
 # What marks a directory as holding checkpoints (of any layout), so that --load refuses it
 # rather than starting afresh when it has no tracker.
-_CHECKPOINT_MARKS = re.compile(r"^(iter_\d+(\.superseded)?|release|latest_checkpoint\.json|metadata\.json|"
-                               r"common\.pt|.*\.distcp|model_optim_rng\.pt|mp_rank_\d+.*)$")
+_CHECKPOINT_MARKS = re.compile(r"^(iter_\d+(\.superseded)?|release|latest_checkpoint\.json|"
+                               r"metadata\.json|common\.pt|.*\.distcp|model_optim_rng\.pt|"
+                               r"mp_rank_\d+.*)$")
 
 
 class UnrecognisedCheckpoint(ValueError):

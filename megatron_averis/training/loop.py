@@ -375,11 +375,12 @@ class Trainer:
                 window_excluded += self._validate("valid", self.valid_ds)
             if a.save_interval and self.iteration % a.save_interval == 0:
                 window_excluded += self._save()
-            if a.exit_duration_in_mins is not None:
-                self.stop_requested |= (time.monotonic() - self.launched) / 60 > a.exit_duration_in_mins
-            if (a.exit_signal_handler or a.exit_duration_in_mins is not None) and self._stop_agreed():
-                print0(f"{'SIGTERM received' if self.signalled else '--exit-duration-in-mins reached'}"
-                       f": saving and stopping at step {self.iteration}")
+            timed = a.exit_duration_in_mins is not None
+            if timed and (time.monotonic() - self.launched) / 60 > a.exit_duration_in_mins:
+                self.stop_requested = True
+            if (a.exit_signal_handler or timed) and self._stop_agreed():
+                why = "SIGTERM received" if self.signalled else "--exit-duration-in-mins reached"
+                print0(f"{why}: saving and stopping at step {self.iteration}")
                 stopped_by_signal = True
                 break
 

@@ -68,36 +68,80 @@ ARCHITECTURE = (
               "RoPE rotates the whole head; drop --rotary-percent or pass 1.0"),
 )
 
-# dest -> (flag, what to do instead). Given = any value other than the parser default.
+_NO_BPE = ("GPT-2 BPE files are not read; use a sentencepiece model or a HuggingFace tokenizer "
+           "directory with --tokenizer-model")
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A Megatron-LM feature this program does not have: refused when `flag` is given."""
+
+    flag: str
+    kind: str  # "switch" (store_true), "value" (one value), "triple" (three values)
+    fix: str
+
+
 UNSUPPORTED = {
-    "fp16": ("--fp16", "use --bf16 (or an --fp4-recipe, which trains with BF16 parameters)"),
-    "fp8_format": ("--fp8-format", "FP8 is not implemented; use --fp4-recipe nvfp4 or averis"),
-    "fp8_recipe": ("--fp8-recipe", "FP8 is not implemented; drop it"),
-    "fp8_amax_history_len": ("--fp8-amax-history-len", "FP8 is not implemented; drop it"),
-    "fp8_amax_compute_algo": ("--fp8-amax-compute-algo", "FP8 is not implemented; drop it"),
-    "fp8_param_gather": ("--fp8-param-gather", "FP8 is not implemented; drop it"),
-    "fp4_param_gather": ("--fp4-param-gather", "parameters stay BF16 (FP4 is applied per GEMM); "
-                                               "drop it"),
-    "apply_layernorm_1p": ("--apply-layernorm-1p", "the norms are plain RMSNorm; drop it"),
-    "add_qkv_bias": ("--add-qkv-bias", "the linear layers have no biases; drop it"),
-    "squared_relu": ("--squared-relu", "the MLP is SwiGLU; use --swiglu"),
-    "openai_gelu": ("--openai-gelu", "the MLP is SwiGLU; use --swiglu"),
-    "quick_geglu": ("--quick-geglu", "the MLP is SwiGLU; use --swiglu"),
-    "use_rope_scaling": ("--use-rope-scaling", "Llama-3.1 RoPE scaling is a long-context "
-                                               "extension, not applied in pretraining; drop it"),
-    "num_experts": ("--num-experts", "mixture-of-experts layers are not implemented"),
-    "multi_latent_attention": ("--multi-latent-attention", "multi-latent attention is not "
-                                                           "implemented"),
-    "use_legacy_models": ("--use-legacy-models", "the model is megatron-core's GPTModel; drop it"),
-    "rampup_batch_size": ("--rampup-batch-size", "batch-size ramp-up is not implemented; use a "
-                                                 "fixed --global-batch-size"),
-    "virtual_pipeline_model_parallel_size": ("--virtual-pipeline-model-parallel-size",
-                                             "interleaved pipelining is not implemented; "
-                                             "use --pipeline-model-parallel-size alone"),
-    "vocab_file": ("--vocab-file", "GPT-2 BPE files are not read; use a sentencepiece model or a "
-                                   "HuggingFace tokenizer directory with --tokenizer-model"),
-    "merge_file": ("--merge-file", "GPT-2 BPE files are not read; use a sentencepiece model or a "
-                                   "HuggingFace tokenizer directory with --tokenizer-model"),
+    "fp16": Unsupported(
+        "--fp16", "switch",
+        "use --bf16 (or an --fp4-recipe, which trains with BF16 parameters)"),
+    "fp8_format": Unsupported(
+        "--fp8-format", "value",
+        "FP8 is not implemented; use --fp4-recipe nvfp4 or averis"),
+    "fp8_recipe": Unsupported(
+        "--fp8-recipe", "value",
+        "FP8 is not implemented; drop it"),
+    "fp8_amax_history_len": Unsupported(
+        "--fp8-amax-history-len", "value",
+        "FP8 is not implemented; drop it"),
+    "fp8_amax_compute_algo": Unsupported(
+        "--fp8-amax-compute-algo", "value",
+        "FP8 is not implemented; drop it"),
+    "fp8_param_gather": Unsupported(
+        "--fp8-param-gather", "switch",
+        "FP8 is not implemented; drop it"),
+    "fp4_param_gather": Unsupported(
+        "--fp4-param-gather", "switch",
+        "parameters stay BF16 (FP4 is applied per GEMM); drop it"),
+    "apply_layernorm_1p": Unsupported(
+        "--apply-layernorm-1p", "switch",
+        "the norms are plain RMSNorm; drop it"),
+    "add_qkv_bias": Unsupported(
+        "--add-qkv-bias", "switch",
+        "the linear layers have no biases; drop it"),
+    "squared_relu": Unsupported(
+        "--squared-relu", "switch",
+        "the MLP is SwiGLU; use --swiglu"),
+    "openai_gelu": Unsupported(
+        "--openai-gelu", "switch",
+        "the MLP is SwiGLU; use --swiglu"),
+    "quick_geglu": Unsupported(
+        "--quick-geglu", "switch",
+        "the MLP is SwiGLU; use --swiglu"),
+    "use_rope_scaling": Unsupported(
+        "--use-rope-scaling", "switch",
+        "Llama-3.1 RoPE scaling is a long-context extension, not applied in pretraining; drop it"),
+    "num_experts": Unsupported(
+        "--num-experts", "value",
+        "mixture-of-experts layers are not implemented"),
+    "multi_latent_attention": Unsupported(
+        "--multi-latent-attention", "switch",
+        "multi-latent attention is not implemented"),
+    "use_legacy_models": Unsupported(
+        "--use-legacy-models", "switch",
+        "the model is megatron-core's GPTModel; drop it"),
+    "rampup_batch_size": Unsupported(
+        "--rampup-batch-size", "triple",
+        "batch-size ramp-up is not implemented; use a fixed --global-batch-size"),
+    "virtual_pipeline_model_parallel_size": Unsupported(
+        "--virtual-pipeline-model-parallel-size", "value",
+        "interleaved pipelining is not implemented; use --pipeline-model-parallel-size alone"),
+    "vocab_file": Unsupported(
+        "--vocab-file", "value",
+        _NO_BPE),
+    "merge_file": Unsupported(
+        "--merge-file", "value",
+        _NO_BPE),
 }
 
 # dest -> why the result does not depend on it here. Listed when given.
@@ -151,15 +195,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("Megatron-LM flags of features not implemented here "
                                   "(refused when given)")
-    for dest, (flag, _) in UNSUPPORTED.items():
-        if dest in ("fp16", "fp8_param_gather", "fp4_param_gather", "apply_layernorm_1p",
-                    "add_qkv_bias", "squared_relu", "openai_gelu", "quick_geglu",
-                    "use_rope_scaling", "multi_latent_attention", "use_legacy_models"):
-            g.add_argument(flag, dest=dest, action="store_true", help=argparse.SUPPRESS)
-        elif dest == "rampup_batch_size":
-            g.add_argument(flag, dest=dest, nargs=3, default=None, help=argparse.SUPPRESS)
-        else:
-            g.add_argument(flag, dest=dest, default=None, help=argparse.SUPPRESS)
+    for dest, u in UNSUPPORTED.items():
+        shape = {"switch": {"action": "store_true"}, "value": {"default": None},
+                 "triple": {"nargs": 3, "default": None}}[u.kind]
+        g.add_argument(u.flag, dest=dest, help=argparse.SUPPRESS, **shape)
 
     g = parser.add_argument_group("Megatron-LM performance flags (accepted; same result here)")
     g.add_argument("--use-mcore-models", action="store_true")
@@ -205,9 +244,9 @@ def problems(args, values: dict) -> list[str]:
             found.append(f"{s.flag}: {shown} is not supported (supported: "
                          f"{', '.join(map(_show, s.values))}); {s.fix}, or use --model-preset")
     defaults = _parser_defaults()
-    for dest, (flag, fix) in UNSUPPORTED.items():
+    for dest, u in UNSUPPORTED.items():
         if getattr(args, dest) != defaults[dest]:
-            found.append(f"{flag} is not supported; {fix}")
+            found.append(f"{u.flag} is not supported; {u.fix}")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         found.append("--overlap-param-gather needs --use-distributed-optimizer (as in Megatron-LM)")
     return found

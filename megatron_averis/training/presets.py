@@ -3,9 +3,9 @@
 Each preset fills the architecture flags (--num-layers, --hidden-size, ...) that the command line
 leaves unset; an explicit flag always wins. Every preset also sets Megatron-LM's decoder flags
 explicitly (RoPE, RMSNorm, SwiGLU, no biases, grouped-query attention, no dropout:
-megatron_flags.DECODER_FLAGS), whose Megatron-LM defaults describe another model. The vocabulary is not part of a preset: it comes from
-the tokenizer in use (padded, as Megatron-LM does, to a multiple of
---make-vocab-size-divisible-by x TP).
+megatron_flags.DECODER_FLAGS), whose Megatron-LM defaults describe another model. The
+vocabulary is not part of a preset: it comes from the tokenizer in use (padded, as Megatron-LM
+does, to a multiple of --make-vocab-size-divisible-by x TP).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 ITERS = 4
 COMMON = ["--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
           "--global-batch-size", "8", "--train-iters", str(ITERS), "--lr", "2e-3",
-          "--lr-warmup-iters", "1", "--lr-decay-style", "cosine", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1",
+          "--lr-warmup-iters", "1", "--lr-decay-style", "cosine", "--eval-interval", "2",
+          "--eval-iters", "1", "--log-interval", "1",
           "--seed", "7", "--wandb-mode", "disabled"]
 # Every float a resumed run must reproduce bit for bit.
 EXACT = ("loss", "grad_norm", "lr")
@@ -144,3 +145,16 @@ def test_distributed_optimizer_run_resumes(corpus, tmp_path, variant, nproc):
     assert sorted(got) == list(range(3, ITERS + 1))
     for step in got:
         assert {k: got[step][k] for k in EXACT} == {k: ref[step][k] for k in EXACT}, step
+
+
+def test_mock_data_and_exit_duration(tmp_path):
+    """Megatron-LM's --mock-data with its NullTokenizer, and --exit-duration-in-mins: the first
+    step already runs past the limit, so the run saves and stops there."""
+    out = str(tmp_path / "mock")
+    run = launch(COMMON + ["--mock-data", "--vocab-size", "1000", "--train-iters", "50",
+                           "--save", out, "--exit-duration-in-mins", "1e-6"], nproc=1, log_dir=out)
+    assert "vocabulary 1001 from NullTokenizer" in run.stdout  # N ids + end of document
+    assert "--exit-duration-in-mins reached: saving and stopping at step 1" in run.stdout
+    assert sorted(run.by_step("train")) == [1]
+    with open(os.path.join(out, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "1"
