@@ -189,7 +189,16 @@ class Checkpointer:
             _materialize_optimizer_state(self.optimizer)
             state["optimizer"] = self.optimizer.sharded_state_dict(
                 state, is_loading=True, metadata=self._live(metadata))
-        loaded = dist_checkpointing.load(state, path)
+        try:
+            loaded = dist_checkpointing.load(state, path)
+        except Exception as e:
+            if ours or not load_optim:
+                raise
+            # Megatron-LM's optimizer state follows its optimizer (TE/Apex Adam, sharding type).
+            raise ValueError(f"{path}: the weights of this Megatron-LM checkpoint fit, but its "
+                             f"optimizer state does not load here ({type(e).__name__}: {e}); "
+                             "start from its weights with --finetune (or --no-load-optim to keep "
+                             "its iteration and schedule)") from e
         if len(self.model) == 1:
             self.model[0].load_state_dict(loaded["model"])
         else:

@@ -9,6 +9,7 @@ loads the trainer's checkpoint and must hold exactly the weights it wrote.
 """
 
 import argparse
+import math
 import os
 
 import pytest
@@ -92,6 +93,71 @@ def write_megatron_lm_checkpoint(root: str, iteration: int) -> dict:
             f.write(str(iteration))
         return {k: v.detach().clone() for k, v in model.state_dict().items()
                 if isinstance(v, torch.Tensor)}
+
+
+def write_megatron_lm_checkpoint_with_optimizer(root: str, iteration: int, samples: int) -> None:
+    """As Megatron-LM saves after `iteration` steps of `samples` samples: model, its (non
+    distributed) Adam state after one real step, the LR schedule, `args`, the tracker."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_averis.diagnostics.checkpoint import single_process
+
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    with single_process(), cpu_training():
+        torch.manual_seed(3)
+        model_parallel_cuda_manual_seed(3)  # Megatron-LM's seeding (dropout streams)
+        module = megatron_core_model()
+        model = DistributedDataParallel(module.config, DistributedDataParallelConfig(), module)
+        optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=0.0),
+                                           [model])
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=8, lr_decay_steps=80,
+            lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=80,
+            wd_incr_style="constant")
+        ids = torch.randint(0, VOCAB, (2, 17))
+        positions = torch.arange(16).expand(2, 16)
+        model(ids[:, :-1], positions, None, labels=ids[:, 1:]).mean().backward()
+        model.finish_grad_sync()
+        optimizer.step()
+        scheduler.step(increment=samples)
+        model_sd = module.sharded_state_dict(metadata=sharded_metadata())
+        state = {"model": model_sd,
+                 "optimizer": optimizer.sharded_state_dict(model_sd, metadata=sharded_metadata()),
+                 "opt_param_scheduler": scheduler.state_dict(),
+                 "args": megatron_lm_args(iteration), "checkpoint_version": 3.0,
+                 "iteration": iteration}
+        state["args"].consumed_train_samples = samples
+        path = os.path.join(root, f"iter_{iteration:07d}")
+        os.makedirs(path)
+        dist_checkpointing.save(state, path)
+        with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(iteration))
+
+
+def test_megatron_lm_checkpoint_with_optimizer_resumes(corpus, tmp_path):
+    """With optimizer state the Megatron-LM run continues: its iteration, data position and
+    learning-rate schedule position, and Adam's state."""
+    source = str(tmp_path / "megatron-lm")
+    write_megatron_lm_checkpoint_with_optimizer(source, iteration=5, samples=40)
+    out = str(tmp_path / "ours")
+    run = launch(["--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
+                  "--global-batch-size", "8", "--train-iters", "6", "--lr", "1e-3",
+                  "--lr-warmup-iters", "1", "--lr-decay-style", "cosine", "--eval-iters", "0",
+                  "--log-interval", "1", "--wandb-mode", "disabled", "--load", source]
+                 + data_args(corpus), nproc=1, log_dir=out)
+    assert "(Megatron-LM) at iteration 5 (40 samples consumed" in run.stdout
+    # Adam's state loads; Megatron-LM's RNG state has another format and is not restored.
+    assert "optimizer state not restored" not in run.stdout and "RNG state not restored" in run.stdout
+    step = run.by_step("train")
+    assert sorted(step) == [6] and step[6]["consumed_samples"] == 48
+    # The LR of step 6 is the schedule after 40 samples (command-line schedule: warm-up 8
+    # samples, cosine over 6 x 8 = 48), as an uninterrupted run of ours would use.
+    expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * (40 - 8) / (48 - 8)))
+    assert step[6]["lr"] == pytest.approx(expected, rel=1e-9)
 
 
 def read_with_megatron_core(path: str) -> dict:
