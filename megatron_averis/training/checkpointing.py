@@ -8,11 +8,13 @@ Directory layout and atomic commit: checkpoint_dirs.py.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import time
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
@@ -22,8 +24,10 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_averis.training import checkpoint_dirs, rng_state
 
-# Fields of the configuration that must match for a checkpoint to load into this model.
-_ARCH_MUST_MATCH = ("arch", "padded_vocab_size")
+# Architecture fields that must match for a checkpoint's weights to load into this model.
+_ARCH_MUST_MATCH = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                    "num_query_groups", "kv_channels", "qk_layernorm", "tie_embeddings")
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint version
 
 
 def _layout() -> list[int]:
@@ -38,8 +42,46 @@ def _rank_coords() -> tuple[int, int, int]:
             parallel_state.get_data_parallel_rank())
 
 
+def megatron_lm_args(args, train_state: dict) -> argparse.Namespace:
+    """The `args` entry of a Megatron-LM checkpoint: the run's flags under Megatron-LM's names,
+    with the architecture resolved (Megatron-LM's load reads num_layers, hidden_size,
+    num_attention_heads, consumed_train_samples, ...)."""
+    from megatron_averis.training.arguments import resolved_config
+
+    cfg = {k: v for k, v in resolved_config(args).items() if not isinstance(v, dict)}
+    a = args.arch
+    cfg.update(
+        num_layers=a.num_layers, hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
+        num_attention_heads=a.num_attention_heads, group_query_attention=True,
+        num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
+        qk_layernorm=a.qk_layernorm, rotary_base=a.rotary_base, norm_epsilon=a.norm_epsilon,
+        max_position_embeddings=a.max_position_embeddings, init_method_std=a.init_method_std,
+        untie_embeddings_and_output_weights=not a.tie_embeddings,
+        attention_dropout=a.attention_dropout, hidden_dropout=a.hidden_dropout,
+        position_embedding_type="rope", add_position_embedding=True, normalization="RMSNorm",
+        swiglu=True, add_bias_linear=False, padded_vocab_size=args.padded_vocab_size,
+        ckpt_format="torch_dist", use_dist_ckpt=True, iteration=train_state["iteration"],
+        consumed_train_samples=train_state["consumed_train_samples"],
+        consumed_valid_samples=0, skipped_train_samples=0)
+    return argparse.Namespace(**cfg)
+
+
+def arch_of_megatron_lm_args(ckpt_args) -> dict:
+    """_ARCH_MUST_MATCH fields of a Megatron-LM checkpoint's `args` (its defaults applied)."""
+    get = lambda k, d=None: getattr(ckpt_args, k, d)  # noqa: E731
+    heads = get("num_attention_heads")
+    groups = get("num_query_groups") if get("group_query_attention") else None
+    return {"num_layers": get("num_layers"), "hidden_size": get("hidden_size"),
+            "ffn_hidden_size": get("ffn_hidden_size"), "num_attention_heads": heads,
+            "num_query_groups": groups or heads,
+            "kv_channels": get("kv_channels") or (get("hidden_size") // heads if heads else None),
+            "qk_layernorm": bool(get("qk_layernorm", False)),
+            "tie_embeddings": not get("untie_embeddings_and_output_weights", False)}
+
+
 class Checkpointer:
-    """Saves and loads the whole training state of this process's model chunks."""
+    """Saves and loads the whole training state of this process's model chunks, in Megatron-LM's
+    layout; loads Megatron-LM's checkpoints of the same architecture."""
 
     def __init__(self, args, model_chunks, optimizer, scheduler, config_dict: dict):
         self.args = args
@@ -47,32 +89,35 @@ class Checkpointer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.config_dict = config_dict
-        self._optim_metadata = {
-            "distrib_optim_sharding_type": ("fully_reshardable"
-                                            if args.dist_ckpt_optim_fully_reshardable
-                                            else "dp_reshardable"),
-        }
 
-    def _sharded_state_dict(self, *, is_loading: bool, optimizer: bool, rng: bool,
-                            train_state: dict | None = None) -> dict:
+    def _metadata(self, saved: dict | None = None) -> dict:
+        """The sharded-state-dict metadata Megatron-LM uses (saved as the content metadata, so a
+        load reads a checkpoint the way it was written)."""
+        metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+        if self.args.use_distributed_optimizer:
+            metadata["distrib_optim_sharding_type"] = (
+                "fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable
+                else "dp_reshardable")
+        metadata.update(saved or {})
+        return metadata
+
+    def _sharded_state_dict(self, metadata: dict, *, rng: bool) -> dict:
+        """The sharded part, keyed as Megatron-LM keys it ("model", "optimizer"); the RNG state
+        is ours (Megatron-LM's own `rng_state` has another format)."""
+        live = self._live(metadata)
         # The models' own keys, without the DDP wrapper's "module." prefix.
         if len(self.model) == 1:
-            state = {"model": self.model[0].module.sharded_state_dict()}
+            state = {"model": self.model[0].module.sharded_state_dict(metadata=live)}
         else:
-            state = {f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(self.model)}
-        if optimizer:
-            state["optimizer"] = self.optimizer.sharded_state_dict(
-                state, is_loading=is_loading, metadata=self._optim_metadata)
-        state["scheduler"] = self.scheduler.state_dict()
-        state["train_state"] = dict(train_state or {})
-        state["config"] = self.config_dict
-        state["parallel_layout"] = _layout()
+            state = {f"model{i}": m.module.sharded_state_dict(metadata=live)
+                     for i, m in enumerate(self.model)}
         if rng:
             # One object per rank: TP ranks differ in their tracker streams, DP ranks may differ
             # in Python/NumPy state and stochastic-rounding counters do not, but keeping every
             # rank's own state makes the resume exact without reasoning about which are equal.
-            state["rng_state"] = ShardedObject("rng_state", rng_state.capture(self.model),
-                                               tuple(_layout()), _rank_coords(), replica_id=0)
+            state["averis_rng_state"] = ShardedObject(
+                "averis_rng_state", rng_state.capture(self.model), tuple(_layout()),
+                _rank_coords(), replica_id=0)
         return state
 
     def save(self, iteration: int, train_state: dict) -> tuple[str, float]:
@@ -83,36 +128,77 @@ class Checkpointer:
         if rank == 0:
             checkpoint_dirs.prepare_temp_dir(root, iteration)
         torch.distributed.barrier()
-        state = self._sharded_state_dict(is_loading=False, optimizer=True, rng=True,
-                                         train_state=train_state)
+        metadata = self._metadata()
+        state = self._sharded_state_dict(metadata, rng=True)
+        state["optimizer"] = self.optimizer.sharded_state_dict(
+            state, is_loading=False, metadata=self._live(metadata))
+        state.update({
+            "args": megatron_lm_args(self.args, train_state),
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "opt_param_scheduler": self.scheduler.state_dict(),
+            "num_floating_point_operations_so_far": train_state.get("floating_point_operations", 0),
+            "train_state": dict(train_state),
+            "config": self.config_dict,
+            "parallel_layout": _layout(),
+        })
         # Replicated tensors are written by one data-parallel rank each, spread over the group.
         strategy = FullyParallelSaveStrategyWrapper(
             get_default_save_sharded_strategy(),
             parallel_state.get_data_parallel_group(with_context_parallel=True))
         dist_checkpointing.save(state, checkpoint_dirs.temp_dir(root, iteration),
-                                sharded_strategy=strategy)
+                                sharded_strategy=strategy, content_metadata=metadata)
         torch.distributed.barrier()  # every rank's files are written before the commit
         final = [None]
         if rank == 0:
-            final[0] = checkpoint_dirs.commit(root, iteration, train_state)
+            final[0] = checkpoint_dirs.commit(root, iteration)
         torch.distributed.broadcast_object_list(final, src=0)
         return final[0], time.monotonic() - start
 
+    @staticmethod
+    def _live(metadata: dict) -> dict:
+        return {**metadata, "dp_cp_group": parallel_state.get_data_parallel_group(
+            with_context_parallel=True)}
+
     def load(self) -> dict | None:
-        """Restore everything from --load; returns the saved train state, or None when --load
-        holds no checkpoint yet (a fresh start). Collective."""
+        """Restore from --load; returns the train state to continue from, or None when --load
+        holds no checkpoint yet (a fresh start). A Megatron-LM checkpoint gives its weights, and
+        its optimizer and schedule when it has them; without optimizer state (or with
+        --finetune) training starts at iteration 0 from its weights. Collective."""
         found = checkpoint_dirs.find_checkpoint(self.args.load, self.args.ckpt_step)
         if found is None:
             return None
         iteration, path = found
         common = dist_checkpointing.load_common_state_dict(path)
-        self._check_compatible(common["config"], path)
-        load_rng = not self.args.no_load_rng and common["parallel_layout"] == _layout()
-        load_optim = not self.args.no_load_optim
+        ours = "config" in common
+        if iteration is None:
+            iteration = int(common.get("iteration", 0))
+        self._check_compatible(common, path, ours)
+        saved_metadata = dist_checkpointing.load_content_metadata(path) or {}
+        metadata = self._metadata({k: v for k, v in saved_metadata.items()
+                                   if k != "distrib_optim_sharding_type"
+                                   or self.args.use_distributed_optimizer})
+        has_optim = any(k.startswith("optimizer") for k in
+                        load_sharded_metadata(path))
+        finetune = self.args.finetune or not has_optim
+        load_optim = has_optim and not (self.args.no_load_optim or finetune)
+        load_rng = (ours and not (self.args.no_load_rng or finetune)
+                    and common["parallel_layout"] == _layout())
+        state = self._sharded_state_dict(metadata, rng=load_rng)
         if load_optim:
             _materialize_optimizer_state(self.optimizer)
-        state = self._sharded_state_dict(is_loading=True, optimizer=load_optim, rng=load_rng)
-        loaded = dist_checkpointing.load(state, path)
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                state, is_loading=True, metadata=self._live(metadata))
+        try:
+            loaded = dist_checkpointing.load(state, path)
+        except Exception as e:
+            if ours or not load_optim:
+                raise
+            # Megatron-LM's optimizer state follows its optimizer (TE/Apex Adam, sharding type).
+            raise ValueError(f"{path}: the weights of this Megatron-LM checkpoint fit, but its "
+                             f"optimizer state does not load here ({type(e).__name__}: {e}); "
+                             "start from its weights with --finetune (or --no-load-optim to keep "
+                             "its iteration and schedule)") from e
         if len(self.model) == 1:
             self.model[0].load_state_dict(loaded["model"])
         else:
@@ -125,22 +211,45 @@ class Checkpointer:
             with torch.no_grad(), _step_kept_where_not_loaded(self.optimizer):
                 self.optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_steps(self.optimizer)
-        self.scheduler.load_state_dict(loaded["scheduler"])
+        elif self.optimizer is not None:
+            # Without optimizer state the FP32 main parameters still hold the initial weights:
+            # copy the loaded ones in (megatron-core's mixed-precision optimizer keeps its own).
+            self.optimizer.reload_model_params()
+        if not finetune and "opt_param_scheduler" in common:
+            self.scheduler.load_state_dict(common["opt_param_scheduler"])
         if load_rng:
-            rng_state.restore(loaded["rng_state"], self.model)
-        train_state = dict(loaded["train_state"])
-        train_state["loaded_from"] = path
-        train_state["rng_restored"] = load_rng
-        train_state["optimizer_restored"] = load_optim
-        assert train_state["iteration"] == iteration, (train_state["iteration"], iteration)
+            rng_state.restore(loaded["averis_rng_state"], self.model)
+        if finetune:
+            train_state = {"iteration": 0, "consumed_train_samples": 0}
+        elif ours:
+            train_state = dict(common["train_state"])
+        else:
+            train_state = {"iteration": iteration, "consumed_train_samples": int(getattr(
+                common.get("args"), "consumed_train_samples", 0))}
+        train_state.update(loaded_from=path, loaded_iteration=iteration, rng_restored=load_rng,
+                           optimizer_restored=load_optim, finetune=finetune,
+                           source="megatron-averis" if ours else "Megatron-LM")
         return train_state
 
-    def _check_compatible(self, saved: dict, path: str) -> None:
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {self.config_dict.get(k)!r}"
-                 for k in _ARCH_MUST_MATCH if saved.get(k) != self.config_dict.get(k)]
+    def _check_compatible(self, common: dict, path: str, ours: bool) -> None:
+        if ours:
+            saved = {**common["config"]["arch"], "padded_vocab_size": common["config"].get(
+                "padded_vocab_size")}
+        elif "args" in common:
+            saved = {**arch_of_megatron_lm_args(common["args"]),
+                     "padded_vocab_size": getattr(common["args"], "padded_vocab_size", None)}
+        else:
+            raise checkpoint_dirs.UnrecognisedCheckpoint(
+                f"{path} is a dist checkpoint without Megatron-LM's `args` or this program's run "
+                "configuration; it was not written by Megatron-LM's or this trainer")
+        now = {**self.args.arch.as_dict(), "padded_vocab_size": self.args.padded_vocab_size}
+        keys = _ARCH_MUST_MATCH + (("padded_vocab_size",) if saved["padded_vocab_size"] else ())
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+                 for k in keys if saved.get(k) != now.get(k)]
         if diffs:
             raise ValueError(f"checkpoint {path} was trained with a different model; "
-                             "use the same --model-preset / architecture flags and tokenizer:\n  "
+                             "use the same architecture flags (or --model-preset) and tokenizer "
+                             "(--make-vocab-size-divisible-by pads the vocabulary):\n  "
                              + "\n  ".join(diffs))
 
 
