@@ -214,8 +214,8 @@ def trainer_args(model: str, recipe: str, opts, tokenizer: str, data_prefix: str
     tokenizer."""
     args = finalize_args(parse_args(trainer_flags(model, recipe, opts, tokenizer, data_prefix, mode)),
                          1)
-    args.vocab_size = opts.vocab_size
-    args.padded_vocab_size = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by,
+    args.tokenizer_vocab_size = opts.vocab_size
+    args.padded_vocab_size = padded_vocab_size(opts.vocab_size, args.make_vocab_size_divisible_by,
                                                args.tensor_model_parallel_size)
     return args
 
@@ -279,7 +279,7 @@ def _record(model: str, recipe: str, args, opts, device: torch.device, mode: str
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size,
         "num_microbatches": args.num_microbatches, "seq_length": args.seq_length,
-        "vocab_size": args.vocab_size, "padded_vocab_size": args.padded_vocab_size,
+        "vocab_size": args.tokenizer_vocab_size, "padded_vocab_size": args.padded_vocab_size,
         "tokens_per_step": args.global_batch_size * args.seq_length,
         "flops_per_step": training_flops_per_iteration(args.arch, args.padded_vocab_size,
                                                        args.seq_length, args.global_batch_size),

@@ -3,6 +3,8 @@
 
     pin_base.py freeze PINS    write `name==version` for every installed GPU-stack distribution
     pin_base.py verify PINS    exit 1, naming each one, if any pinned distribution changed
+    pin_base.py has NAME MIN   exit 0 if distribution NAME is installed at version >= MIN
+                               (the Dockerfile builds Transformer Engine when the image's is older)
 
 The Dockerfile passes PINS to pip as a constraints file (`pip install -c PINS ...`), so pip can add
 packages but refuses to replace the image's builds, and verifies after every install step.
@@ -60,12 +62,31 @@ def changed(expected: dict[str, str], env: dict[str, str]) -> list[str]:
             for n, v in expected.items() if env.get(n) != v]
 
 
+def release(version: str) -> tuple[int, ...]:
+    """(major, minor, ...) of a version string; pre-release and local tails ignored."""
+    out = []
+    for piece in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        out.append(int(digits.group()))
+    return tuple(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("action", choices=("freeze", "verify"))
-    p.add_argument("pins", help="constraints file")
+    p.add_argument("action", choices=("freeze", "verify", "has"))
+    p.add_argument("pins", help="constraints file (has: the distribution name)")
+    p.add_argument("minimum", nargs="?", help="has: the lowest acceptable version")
     a = p.parse_args(argv)
     env = installed()
+    if a.action == "has":
+        if a.minimum is None:
+            p.error("has needs NAME MIN")
+        version = env.get(normalize(a.pins))
+        ok = version is not None and release(version) >= release(a.minimum)
+        print(f"{a.pins} {version or 'not installed'}: {'ok' if ok else 'needs'} >= {a.minimum}")
+        return 0 if ok else 1
     if a.action == "freeze":
         found = pins(env)
         if "torch" not in found:

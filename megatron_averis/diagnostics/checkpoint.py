@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -80,7 +79,8 @@ def find(load: str, step: int | None = None) -> CheckpointInfo:
     if "config" not in common:
         raise ValueError(f"{path} has no run configuration; it was not written by "
                          "megatron_averis.pretrain")
-    return CheckpointInfo(path, iteration, common["config"])
+    return CheckpointInfo(path, common["iteration"] if iteration is None else iteration,
+                          common["config"])
 
 
 def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:
@@ -95,21 +95,16 @@ def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:
     return [find(save_dir, s) for s in steps]
 
 
-def model_args(config: dict, *, recipe: Recipe | None = None, bf16: bool | None = None):
-    """The attributes of the trainer's args that building its model reads, for TP = PP = 1."""
+def model_config(config: dict, *, recipe: Recipe | None = None, bf16: bool | None = None):
+    """The ModelConfig of a saved run configuration, for one process (TP = PP = 1, our layers)."""
+    from megatron_averis.training.config import ModelConfig
     from megatron_averis.training.presets import ModelArch
 
-    return SimpleNamespace(
+    return ModelConfig(
         arch=ModelArch(**config["arch"]),
         recipe=recipe if recipe is not None else recipe_from_dict(config["recipe"]),
         bf16=config["bf16"] if bf16 is None else bf16,
         padded_vocab_size=config["padded_vocab_size"],
-        tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1,
-        sequence_parallel=False,
-        recompute_granularity=None,
-        recompute_method=None,
-        recompute_num_layers=None,
     )
 
 
@@ -124,8 +119,8 @@ def build_model(config: dict, *, recipe: Recipe | str | None = None, bf16: bool 
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
     cpu = torch.device("cpu")
-    args = model_args(config, recipe=recipe, bf16=bf16)
-    return trainer_build_model(args, transformer_config(args, cpu), cpu)[0].to(device)
+    cfg = model_config(config, recipe=recipe, bf16=bf16)
+    return trainer_build_model(cfg, transformer_config(cfg, cpu), cpu)[0].to(device)
 
 
 def load_model(info: CheckpointInfo, *, recipe: Recipe | str | None = None,

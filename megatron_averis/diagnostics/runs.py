@@ -20,6 +20,9 @@ import numpy as np
 from megatron_averis.training.writers import read_records
 
 SPLITS = ("train", "valid")
+# The loss of each split under this trainer's name and Megatron-LM's (TensorBoard and wandb), so
+# a Megatron-LM run (its --tensorboard-dir, or its wandb run) compares with ours.
+LOSS_KEYS = {"train": ("train/loss", "lm loss"), "valid": ("valid/loss", "lm loss validation")}
 
 
 @dataclass
@@ -69,7 +72,8 @@ def read_metrics_jsonl(path: str) -> tuple[dict[str, Curve], dict]:
 
 
 def read_tensorboard(path: str) -> dict[str, Curve]:
-    """Curves of the scalars train/loss and valid/loss in a TensorBoard log directory."""
+    """Loss curves from a TensorBoard log directory: this trainer's train/loss and valid/loss, or
+    Megatron-LM's "lm loss" and "lm loss validation"."""
     from tensorboard.backend.event_processing import event_accumulator
 
     acc = event_accumulator.EventAccumulator(path, size_guidance={event_accumulator.SCALARS: 0})
@@ -77,11 +81,12 @@ def read_tensorboard(path: str) -> dict[str, Curve]:
     tags = set(acc.Tags().get("scalars", []))
     curves = {}
     for split in SPLITS:
-        tag = f"{split}/loss"
-        if tag in tags:
+        tag = next((t for t in LOSS_KEYS[split] if t in tags), None)
+        if tag is not None:
             curves[split] = Curve.from_points({e.step: e.value for e in acc.Scalars(tag)})
     if not curves:
-        raise ValueError(f"{path}: no train/loss or valid/loss scalars in the TensorBoard events "
+        wanted = " / ".join(t for keys in LOSS_KEYS.values() for t in keys)
+        raise ValueError(f"{path}: no loss scalars ({wanted}) in the TensorBoard events "
                          f"(found: {sorted(tags) or 'none'})")
     return curves
 
@@ -161,12 +166,13 @@ def load_wandb(path: str, group: str | None = None) -> list[Run]:
     for r in runs:
         points = {split: {} for split in SPLITS}
         for split in SPLITS:
-            for row in r.scan_history(keys=["_step", f"{split}/loss"]):
-                if row.get(f"{split}/loss") is not None:
-                    points[split][int(row["_step"])] = float(row[f"{split}/loss"])
+            for key in LOSS_KEYS[split]:  # ours, then Megatron-LM's
+                for row in r.scan_history(keys=["_step", key]):
+                    if row.get(key) is not None:
+                        points[split].setdefault(int(row["_step"]), float(row[key]))
         curves = {k: Curve.from_points(v) for k, v in points.items() if v}
         if "train" not in curves:
-            raise ValueError(f"wandb run {r.path}: no train/loss logged")
+            raise ValueError(f"wandb run {r.path}: no train/loss or lm loss logged")
         out.append(Run(r.name, f"wandb:{'/'.join(r.path)}", curves, _info(dict(r.config))))
     return out
 

@@ -49,10 +49,22 @@ def default_linear_classes() -> LinearClasses:
     return AverisColumnParallelLinear, AverisRowParallelLinear
 
 
-def averis_layer_spec(recipe: Recipe, qk_layernorm: bool, *,
+class QKNormFromConfig:
+    """The q/k norm that config.qk_layernorm asks for (RMSNorm or none), for specs built before
+    the config is known (Megatron-LM's --spec). A class, since megatron-core's build_module
+    returns plain functions unbuilt."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        if config.qk_layernorm:
+            return RMSNorm(config=config, hidden_size=hidden_size, eps=eps)
+        return IdentityOp()
+
+
+def averis_layer_spec(recipe: Recipe, qk_layernorm: bool | None, *,
                       linear_classes: LinearClasses | None = None) -> ModuleSpec:
     """One decoder layer whose four linears run `recipe`.
 
+    qk_layernorm: RMSNorm on queries and keys, or None to follow config.qk_layernorm.
     linear_classes: (column, row) classes taking the `recipe` keyword; default the Averis ones.
     """
     col, row = linear_classes or default_linear_classes()
@@ -60,7 +72,8 @@ def averis_layer_spec(recipe: Recipe, qk_layernorm: bool, *,
     def linear(cls):
         return ModuleSpec(module=cls, params={"recipe": recipe})
 
-    qk_norm = RMSNorm if qk_layernorm else IdentityOp
+    qk_norm = (QKNormFromConfig if qk_layernorm is None
+               else RMSNorm if qk_layernorm else IdentityOp)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -83,6 +96,12 @@ def averis_layer_spec(recipe: Recipe, qk_layernorm: bool, *,
                 submodules=MLPSubmodules(linear_fc1=linear(col), linear_fc2=linear(row)),
             ),
             mlp_bda=get_bias_dropout_add,
+            # Checkpoint keys of megatron-core's TE spec (the norms fused into the next linear),
+            # as its local spec maps them: checkpoints load across the two and Megatron-LM.
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
         ),
     )
 

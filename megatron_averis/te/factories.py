@@ -103,3 +103,17 @@ class _Configured:
 
 configured = _Configured()
 configure = configured.configure
+
+
+def resolve(path: str) -> QFactory:
+    """The factory at `path` (Megatron-LM's --fp4-quantizer-factory), resolved the way
+    megatron-core resolves it when it builds the CustomRecipe; ValueError unless it is one of
+    ours with a fixed recipe (the trainer needs the recipe for its start-up checks)."""
+    from megatron.core.fp8_utils import _resolve_callable_from_python_import_path
+
+    factory = _resolve_callable_from_python_import_path(path)
+    if not isinstance(factory, QFactory):
+        names = ", ".join(f"{__name__}.{n.replace('-', '_')}" for n in TE_PRESETS)
+        raise ValueError(f"{path} is not a megatron-averis quantizer factory; this program runs "
+                         f"one of {names} (other factories: use Megatron-LM's pretrain_gpt.py)")
+    return factory

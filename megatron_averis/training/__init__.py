@@ -1,15 +1,18 @@
 """The pretraining program behind `python -m megatron_averis.pretrain`.
 
     arguments.py        flags (Megatron-LM names), presets and recipe resolution, start-up checks
+    megatron_flags.py   Megatron-LM's flags beyond ours: architecture values, refusals, no-ops
+    config.py           ModelConfig: the typed configuration the model is built from
     presets.py          model architectures, parameter counts, FLOPs per step
     distributed.py      process group and megatron-core parallel state from torchrun's environment
     cpu_compat.py       lets megatron-core's DDP/optimizer/schedules run without CUDA (CI only)
-    model.py            TransformerConfig and this stage's GPTModel (megatron_averis.megatron spec)
+    model.py            TransformerConfig and this stage's GPTModel from a ModelConfig
     optim.py            DDP, megatron optimizer, LR schedule
     data.py             GPTDataset/BlendedMegatronDatasetBuilder, resumable micro-batch sampler
     rng_state.py        seeding; capture/restore of every RNG stream
-    checkpoint_dirs.py  checkpoint layout, atomic commit, `latest` tracker
-    checkpointing.py    dist_checkpointing save/load of the complete training state
+    checkpoint_dirs.py  Megatron-LM's checkpoint layout, atomic commit, the tracker file
+    checkpointing.py    dist_checkpointing save/load of the complete training state; Megatron-LM's
+                        checkpoints in and out
     checkpoint_integrity.py  per-checkpoint manifest (sizes, SHA-256), verification, write failures
     preflight.py        start-up checks: dataset files, --load, writable --save with room
     divergence.py       NaN/spike guard between the gradient norm and the update: abort or skip

@@ -18,13 +18,20 @@ import torch
 from megatron_averis.recipes import PRESETS as RECIPE_PRESETS
 from megatron_averis.recipes import DEPRECATED_NAMES as DEPRECATED_RECIPES
 from megatron_averis.recipes import RecipeError, canonical_name, check_linear_shape, check_token_count, get_recipe
-from megatron_averis.training import divergence, preflight
+from megatron_averis.training import divergence, megatron_flags, preflight
 from megatron_averis.training.checkpoint_dirs import find_latest_checkpoint
 from megatron_averis.training.checkpoint_integrity import CHECKSUMS
 from megatron_averis.training.presets import PRESETS as MODEL_PRESETS
 from megatron_averis.training.presets import ModelArch
 
 FP4_RECIPES = tuple(name for name in RECIPE_PRESETS if name != "bf16")
+FP4_RECIPE_CHOICES = FP4_RECIPES + ("custom",) + tuple(DEPRECATED_RECIPES)
+# Megatron-LM's names; both sentencepiece names load the model as GPTSentencePieceTokenizer does
+# (end of document = the model's EOS, no added tokens).
+TOKENIZER_LIBRARIES = {"GPTSentencePieceTokenizer": "sentencepiece",
+                       "SentencePieceTokenizer": "sentencepiece",
+                       "HuggingFaceTokenizer": "huggingface", "NullTokenizer": None}
+TOKENIZER_TYPES = tuple(TOKENIZER_LIBRARIES)
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
@@ -64,9 +71,15 @@ class ConfigError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_averis.pretrain",
-        description="Pretrain a GPT model with megatron-core under a BF16 or FP4 (Averis) recipe.",
+        description="Pretrain a GPT model with megatron-core under a BF16 or FP4 (Averis) recipe. "
+                    "Accepts Megatron-LM's pretrain_gpt.py flags with their meanings and defaults "
+                    "(docs/training.md, 'Coming from Megatron-LM').",
         formatter_class=_HelpFormatter,
+        allow_abbrev=False,
     )
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything (data, shapes, divisibility, save directory), print the "
+                        "resolved configuration and exit 0 without training")
 
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", choices=sorted(MODEL_PRESETS),
@@ -75,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-size", type=int)
     g.add_argument("--ffn-hidden-size", type=int)
     g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--num-query-groups", type=int, help="key/value heads (grouped-query attention)")
+    g.add_argument("--num-query-groups", type=int,
+                   help="key/value heads; used with --group-query-attention (as in Megatron-LM)")
     g.add_argument("--kv-channels", type=int, help="head dimension")
     g.add_argument("--qk-layernorm", action=argparse.BooleanOptionalAction, default=None,
                    help="RMSNorm on queries and keys (Qwen3)")
@@ -83,12 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm-epsilon", type=float)
     g.add_argument("--max-position-embeddings", type=int)
     g.add_argument("--init-method-std", type=float)
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
-                   help="separate output layer (presets tie it to the embedding)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
+                   help="separate output layer (default: tied, as in Megatron-LM and the presets)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the tokenizer's vocabulary to a multiple of this times TP")
-    g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
-                   help="local: our layers (FP4 recipes emulated or on Triton kernels); "
+    g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=None,
+                   help="default: transformer_engine with --fp4-recipe custom, else local. "
+                        "local: our layers (FP4 recipes emulated or on Triton kernels); "
                         "transformer_engine: megatron-core's Transformer Engine layers with the "
                         "recipe as a TE CustomRecipe (needs TE >= 2.20 and CUDA; "
                         "docs/transformer-engine.md)")
@@ -96,8 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("precision and FP4 recipe")
     g.add_argument("--bf16", action="store_true",
                    help="BF16 parameters and activations, unquantized GEMMs (recipe 'bf16')")
-    g.add_argument("--fp4-recipe", choices=FP4_RECIPES + tuple(DEPRECATED_RECIPES),
-                   help="FP4 GEMM recipe for the transformer layers' linears (implies --bf16)")
+    g.add_argument("--fp4-format", choices=("e2m1",), default=None,
+                   help="FP4 GEMMs (Megatron-LM's switch; with it the recipe defaults to nvfp4)")
+    g.add_argument("--fp4-recipe", choices=FP4_RECIPE_CHOICES,
+                   help="FP4 GEMM recipe for the transformer layers' linears (implies --bf16 and "
+                        "--fp4-format e2m1); custom: the recipe of --fp4-quantizer-factory")
+    g.add_argument("--fp4-quantizer-factory", default=None, metavar="MODULE.ATTR",
+                   help="with --fp4-recipe custom: a quantizer factory by Python path, e.g. "
+                        "megatron_averis.te.factories.averis (as in Megatron-LM)")
     g.add_argument("--fp4-recipe-override", action="append", default=[], metavar="KEY=VALUE",
                    help="change one recipe knob, e.g. wgrad_rht=false or grads.rounding=rne "
                         "(repeatable; see docs/recipes.md)")
@@ -111,11 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP (1F1B schedule)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="CP; the trainer supports 1 (the layers themselves support more)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state and FP32 main parameters over data-parallel ranks")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="overlap the data-parallel gradient reduction with the backward pass")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="reduce data-parallel gradients in BF16 (default FP32)")
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                    help="default: nccl with CUDA, gloo on CPU")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
@@ -124,24 +149,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward pass")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="sequences per optimizer step (default: micro-batch x data-parallel size)")
-    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--seq-length", type=int, default=None, help="required")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--train-iters", type=int, required=True)
-    g.add_argument("--lr", type=float, required=True, help="peak learning rate (AdamW)")
+    g.add_argument("--train-iters", type=int, default=None,
+                   help="training length in global batches (this or --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="training length in samples (Megatron-LM's sample-based training)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW); required")
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--decoupled-lr", type=float, default=None,
+                   help="separate peak LR of the embedding and output layer")
+    g.add_argument("--decoupled-min-lr", type=float, default=None)
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: the training length")
+    g.add_argument("--lr-decay-samples", type=int, default=None,
+                   help="with --train-samples; default: the training length")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warm-up as a fraction of the decay length")
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
     g.add_argument("--lr-wsd-decay-style", choices=WSD_DECAY_STYLES, default="exponential")
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
                    help="length of the final decay of the WSD schedule")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="= --recompute-granularity selective (as in Megatron-LM)")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
@@ -169,13 +208,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-data-path", nargs="*", default=None)
     g.add_argument("--data-cache-path", default=None,
                    help="where megatron-core caches dataset indices (default: beside the data)")
-    g.add_argument("--tokenizer-model", required=True,
-                   help="sentencepiece .model or HuggingFace tokenizer.json/folder")
+    g.add_argument("--mock-data", action="store_true",
+                   help="megatron-core's synthetic dataset (no files; needs --tokenizer-type "
+                        "NullTokenizer --vocab-size N or a tokenizer)")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                   help="default: from --tokenizer-model (a .model file is SentencePiece, a "
+                        "directory or .json HuggingFace), NullTokenizer with --mock-data alone")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="sentencepiece .model, or a local HuggingFace tokenizer directory / "
+                        "tokenizer.json")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="NullTokenizer's vocabulary (without its end-of-document token)")
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
+                   help="read .bin files without memory-mapping them")
     g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
 
     g = p.add_argument_group("validation")
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=10,
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="validate every N steps (default: only at the end, as in Megatron-LM)")
+    g.add_argument("--eval-iters", type=int, default=100,
                    help="global batches per validation (0: none); the same batches every time")
 
     g = p.add_argument_group("checkpointing")
@@ -185,12 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint directory to resume from (may be the same as --save)")
     g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration, not the latest")
     g.add_argument("--no-load-optim", action="store_true", help="load weights only")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only and start at iteration 0 (no optimizer, RNG, scheduler "
+                        "or data position), as in Megatron-LM")
+    g.add_argument("--ckpt-format", choices=("torch_dist", "torch", "torch_dcp", "zarr",
+                                             "fsdp_dtensor"), default="torch_dist",
+                   help="supported: torch_dist (megatron-core dist_checkpointing)")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="distributed-optimizer state loadable under any parallel layout "
                         "(gathers on save); default: reshardable over data-parallel size only")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM, save a checkpoint and exit (SLURM preemption)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save a checkpoint and exit once training has run this long")
 
     g = p.add_argument_group("fault tolerance (docs/training.md#when-things-go-wrong)")
     g.add_argument("--allow-fresh-start", action="store_true",
@@ -221,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --divergence-action skip: abort after this many skipped steps in a row")
 
     g = p.add_argument_group("logging")
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--run-name", default=None, help="default: <preset>-<recipe>")
     g.add_argument("--log-dir", default=None,
                    help="metrics.jsonl, config.json, TensorBoard (default: --save, else runs/<run-name>)")
@@ -231,9 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-mode", choices=("online", "offline", "disabled"), default=None,
                    help="default: offline when wandb is installed (sync later with `wandb sync`)")
     g.add_argument("--wandb-project", default="megatron-averis")
+    g.add_argument("--wandb-entity", default=None, help="team or user owning the project")
     g.add_argument("--wandb-group", default=None, help="default: the model preset")
     g.add_argument("--wandb-exp-name", default=None, help="default: the run name")
     g.add_argument("--wandb-save-dir", default=None, help="default: <log-dir>/wandb")
+    megatron_flags.add_flags(p)
     return p
 
 
@@ -243,14 +304,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _arch_from_args(args, problems: list[str]) -> ModelArch | None:
     preset = MODEL_PRESETS[args.model_preset].arch if args.model_preset else None
+    flags = megatron_flags.architecture_values(args, preset is not None)
+    problems += megatron_flags.problems(args, flags)
     values = {}
     for dest, field in ARCH_FLAGS.items():
         v = getattr(args, dest)
         if v is None and preset is not None:
             v = getattr(preset, field)
         values[field] = v
-    if values["num_query_groups"] is None:
+    if not flags["group_query_attention"]:
+        # Megatron-LM uses --num-query-groups only with --group-query-attention.
+        if args.num_query_groups is not None and args.num_query_groups != values["num_attention_heads"]:
+            problems.append(f"--num-query-groups {args.num_query_groups} needs "
+                            "--group-query-attention (Megatron-LM ignores it without); add it")
         values["num_query_groups"] = values["num_attention_heads"]
+    elif values["num_query_groups"] is None:
+        values["num_query_groups"] = values["num_attention_heads"]
+    values["attention_dropout"] = flags["attention_dropout"]
+    values["hidden_dropout"] = flags["hidden_dropout"]
     if values["kv_channels"] is None and values["hidden_size"] and values["num_attention_heads"]:
         if values["hidden_size"] % values["num_attention_heads"]:
             problems.append(f"--hidden-size {values['hidden_size']} is not divisible by "
@@ -264,7 +335,10 @@ def _arch_from_args(args, problems: list[str]) -> ModelArch | None:
         if values[k] is None:
             values[k] = v
     if values["ffn_hidden_size"] is None and values["hidden_size"]:
-        values["ffn_hidden_size"] = 4 * values["hidden_size"]
+        # Megatron-LM's SwiGLU default: 2/3 of 4h (the same parameters as a 4h GeLU MLP),
+        # rounded down to a multiple of 64.
+        values["ffn_hidden_size"] = (int(4 * values["hidden_size"] * 2 / 3 / 64) * 64
+                                     if flags["swiglu"] else 4 * values["hidden_size"])
     if values["max_position_embeddings"] is None:
         values["max_position_embeddings"] = args.seq_length
     missing = [f"--{k.replace('_', '-')}" for k in ("num_layers", "hidden_size", "num_attention_heads")
@@ -273,14 +347,46 @@ def _arch_from_args(args, problems: list[str]) -> ModelArch | None:
         problems.append(f"the model is not defined: give --model-preset {{{','.join(sorted(MODEL_PRESETS))}}} "
                         f"or {' '.join(missing)}")
         return None
-    tie = preset.tie_embeddings if preset is not None else False
+    tie = preset.tie_embeddings if preset is not None else True
     values["tie_embeddings"] = tie and not args.untie_embeddings_and_output_weights
     return ModelArch(**values)
 
 
+def _recipe_name(args, problems: list[str]) -> str | None:
+    """The FP4 preset to run, from Megatron-LM's --fp4-format / --fp4-recipe /
+    --fp4-quantizer-factory: --fp4-format e2m1 alone is Megatron-LM's default recipe nvfp4; a
+    recipe name implies --fp4-format e2m1; custom runs the factory's recipe."""
+    name = args.fp4_recipe
+    if name is None and args.fp4_format:
+        name = "nvfp4"
+    if args.fp4_quantizer_factory and name != "custom":
+        problems.append("--fp4-quantizer-factory is read only with --fp4-recipe custom; add it, "
+                        "or drop the factory and name the recipe with --fp4-recipe")
+    if name == "custom":
+        if not args.fp4_quantizer_factory:
+            problems.append("--fp4-recipe custom needs --fp4-quantizer-factory MODULE.ATTR, e.g. "
+                            "megatron_averis.te.factories.averis")
+            return None
+        from megatron_averis.te.factories import resolve
+
+        try:
+            name = resolve(args.fp4_quantizer_factory).recipe.name
+        except ValueError as e:
+            problems.append(f"--fp4-quantizer-factory: {e}")
+            return None
+    if name:
+        args.fp4_format = "e2m1"
+        name = canonical_name(name)  # a deprecated name warns here, once
+    return name
+
+
 def _recipe_from_args(args, problems: list[str]):
-    if args.fp4_recipe:
-        args.fp4_recipe = canonical_name(args.fp4_recipe)  # a deprecated name warns here, once
+    args.fp4_recipe_requested = args.fp4_recipe
+    args.fp4_recipe = _recipe_name(args, problems)
+    if args.transformer_impl is None:
+        # Megatron-LM's custom recipe is a Transformer Engine CustomRecipe.
+        custom = args.fp4_recipe_requested == "custom"
+        args.transformer_impl = "transformer_engine" if custom else "local"
     overrides = list(args.fp4_recipe_override)
     if args.first_last_layers_bf16:
         start = 1 if args.num_layers_at_start_in_bf16 is None else args.num_layers_at_start_in_bf16
@@ -298,6 +404,43 @@ def _recipe_from_args(args, problems: list[str]):
     except RecipeError as e:
         problems.append(f"{e} (from --fp4-recipe / --fp4-recipe-override)")
         return None
+
+
+def _tokenizer_problems(args) -> list[str]:
+    """Resolve --tokenizer-type as Megatron-LM names it; the files it needs must exist."""
+    if args.tokenizer_type is None:
+        args.tokenizer_type = (_detect_tokenizer_type(args.tokenizer_model) if args.tokenizer_model
+                               else "NullTokenizer" if args.mock_data else None)
+    kind = args.tokenizer_type
+    if kind is None:
+        return ["no tokenizer: give --tokenizer-model (a sentencepiece .model or a HuggingFace "
+                "tokenizer directory), or --mock-data --tokenizer-type NullTokenizer "
+                "--vocab-size N"]
+    if kind == "NullTokenizer":
+        if args.vocab_size is None or args.vocab_size < 1:
+            return ["--tokenizer-type NullTokenizer needs --vocab-size N (its vocabulary without "
+                    "the end-of-document token)"]
+        return []
+    if not args.tokenizer_model:
+        return [f"--tokenizer-type {kind} needs --tokenizer-model"]
+    if not os.path.exists(args.tokenizer_model):
+        hub = (" (model names are not downloaded: give a local directory, e.g. one saved with "
+               "huggingface-cli download)" if kind == "HuggingFaceTokenizer" else "")
+        return [f"--tokenizer-model {args.tokenizer_model!r} does not exist{hub}; give a "
+                "sentencepiece .model or a HuggingFace tokenizer directory / tokenizer.json "
+                "(tools/train_tokenizer.py trains one)"]
+    detected = _detect_tokenizer_type(args.tokenizer_model)
+    if TOKENIZER_LIBRARIES[detected] != TOKENIZER_LIBRARIES[kind]:
+        return [f"--tokenizer-type {kind} but --tokenizer-model {args.tokenizer_model!r} is a "
+                f"{detected} file; give the matching --tokenizer-type"]
+    return []
+
+
+def _detect_tokenizer_type(path: str) -> str:
+    from megatron_averis.data.backends import detect_library
+
+    return {"sentencepiece": "GPTSentencePieceTokenizer",
+            "huggingface": "HuggingFaceTokenizer"}[detect_library(path)]
 
 
 def _blend_problems(flag: str, values: list[str] | None) -> list[str]:
@@ -427,10 +570,70 @@ def _cuda_graph_problems(args) -> list[str]:
     return problems
 
 
+def _megatron_semantics(args) -> list[str]:
+    """Megatron-LM's flag pairs: which unit the schedule uses, aliases, and what only one value
+    is supported for in this trainer."""
+    problems = []
+    unit, other = ("samples", "iters") if args.train_samples is not None else ("iters", "samples")
+    for name in ("lr_decay", "lr_warmup", "lr_wsd_decay"):
+        flag = "--" + name.replace("_", "-")
+        if getattr(args, f"{name}_{other}") not in (None, 0):
+            problems.append(f"{flag}-{other} does not go with --train-{unit} (Megatron-LM: "
+                            f"{unit}-based training); use {flag}-{unit}")
+    if args.lr_warmup_fraction is not None and (args.lr_warmup_iters or args.lr_warmup_samples):
+        problems.append("give one of --lr-warmup-fraction and --lr-warmup-iters/samples")
+    if args.recompute_activations:
+        args.recompute_granularity = args.recompute_granularity or "selective"
+    if args.context_parallel_size != 1:
+        problems.append(f"--context-parallel-size {args.context_parallel_size} is not supported by "
+                        "this trainer (supported: 1); shard long sequences with "
+                        "--tensor-model-parallel-size and --sequence-parallel")
+    if args.ckpt_format != "torch_dist":
+        problems.append(f"--ckpt-format {args.ckpt_format} is not supported (supported: "
+                        "torch_dist, Megatron-LM's default)")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        problems.append("--exit-duration-in-mins must be > 0")
+    if args.finetune and not args.load:
+        problems.append("--finetune loads the weights of --load DIR; give --load")
+    return problems
+
+
+def _schedule_problems(args) -> list[str]:
+    from megatron_averis.training.optim import schedule_in_samples
+
+    steps = schedule_in_samples(args)
+    args.lr_schedule_samples = steps
+    problems = []
+    if not 0 <= steps["warmup"] < max(steps["decay"], 1):
+        problems.append(f"the LR warm-up ({steps['warmup']} samples) must be >= 0 and shorter than "
+                        f"the decay ({steps['decay']} samples); lower --lr-warmup-iters/samples/"
+                        "fraction or raise --lr-decay-iters/samples")
+    if args.lr_decay_style == "WSD":
+        if steps["wsd"] is None:
+            problems.append("--lr-decay-style WSD needs --lr-wsd-decay-iters (or -samples): the "
+                            "length of the final decay, e.g. 20% of the training")
+        elif not 0 < steps["wsd"] <= steps["decay"] - steps["warmup"]:
+            problems.append(f"the WSD decay ({steps['wsd']} samples, --lr-wsd-decay-iters/samples) "
+                            f"must be in (0, decay - warm-up = {steps['decay'] - steps['warmup']}] "
+                            "samples")
+    if args.decoupled_min_lr is not None and args.decoupled_lr is None:
+        problems.append("--decoupled-min-lr needs --decoupled-lr")
+    return problems
+
+
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Resolve preset, recipe and derived sizes in place; raise ConfigError listing every problem."""
     problems: list[str] = []
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    for flag, v in (("--seq-length", args.seq_length), ("--lr", args.lr)):
+        if v is None:
+            problems.append(f"{flag} is required")
+    if (args.train_iters is None) == (args.train_samples is None):
+        problems.append("give the training length with exactly one of --train-iters and "
+                        "--train-samples")
+    if problems:  # everything below needs these
+        raise ConfigError(problems)
+    problems += _megatron_semantics(args)
 
     arch = _arch_from_args(args, problems)
     recipe = _recipe_from_args(args, problems)
@@ -444,8 +647,8 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     # Parallel layout and batch.
     for flag, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
                     ("--micro-batch-size", args.micro_batch_size), ("--seq-length", args.seq_length),
-                    ("--train-iters", args.train_iters)):
-        if v < 1:
+                    ("--train-iters", args.train_iters), ("--train-samples", args.train_samples)):
+        if v is not None and v < 1:
             problems.append(f"{flag} must be >= 1, got {v}")
     if world_size % (tp * pp):
         problems.append(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
@@ -463,6 +666,12 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
                         f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp} = "
                         f"{per_step}; use e.g. --global-batch-size {lo} or {lo + per_step}")
     args.num_microbatches = max(1, args.global_batch_size // max(per_step, 1))
+    if args.train_samples is not None:
+        # Megatron-LM's sample-based training: as many whole global batches as fit.
+        args.train_iters = args.train_samples // args.global_batch_size
+        if args.train_iters < 1:
+            problems.append(f"--train-samples {args.train_samples} is less than one global batch "
+                            f"({args.global_batch_size})")
 
     if args.sequence_parallel and tp == 1:
         problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1; drop it or raise TP")
@@ -512,19 +721,7 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         problems.append(f"--lr must be > 0, got {args.lr}")
     if args.min_lr > args.lr:
         problems.append(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters < 0 or args.lr_warmup_iters >= max(args.lr_decay_iters, 1):
-        problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be >= 0 and below "
-                        f"--lr-decay-iters {args.lr_decay_iters}")
-    if args.lr_decay_style == "WSD":
-        if args.lr_wsd_decay_iters is None:
-            problems.append("--lr-decay-style WSD needs --lr-wsd-decay-iters (the length of the "
-                            "final decay), e.g. 20% of --train-iters")
-        elif not 0 < args.lr_wsd_decay_iters <= args.lr_decay_iters - args.lr_warmup_iters:
-            problems.append(f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} must be in "
-                            f"(0, --lr-decay-iters - --lr-warmup-iters = "
-                            f"{args.lr_decay_iters - args.lr_warmup_iters}]")
+    problems += _schedule_problems(args)
     if args.recompute_granularity == "full" and (args.recompute_method is None
                                                  or args.recompute_num_layers is None):
         problems.append("--recompute-granularity full needs --recompute-method {uniform,block} and "
@@ -534,22 +731,19 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         problems += _cuda_graph_problems(args)
 
     # Data and tokenizer.
-    if not os.path.exists(args.tokenizer_model):
-        problems.append(f"--tokenizer-model {args.tokenizer_model!r} does not exist; give a "
-                        "sentencepiece .model or a HuggingFace tokenizer.json (tools/train_tokenizer.py "
-                        "trains one)")
+    problems += _tokenizer_problems(args)
     per_split = any(x is not None for x in (args.train_data_path, args.valid_data_path,
                                             args.test_data_path))
-    if args.data_path is not None and per_split:
-        problems.append("give either --data-path (with --split) or --train/valid/test-data-path, "
-                        "not both")
-    elif args.data_path is None and args.train_data_path is None:
-        problems.append("no training data: give --data-path PREFIX (or 'W1 P1 W2 P2 ...') or "
-                        "--train-data-path")
+    if args.mock_data + (args.data_path is not None) + per_split > 1:
+        problems.append("give one data source: --mock-data, --data-path (with --split) or "
+                        "--train/valid/test-data-path")
+    elif not args.mock_data and args.data_path is None and args.train_data_path is None:
+        problems.append("no training data: give --data-path PREFIX (or 'W1 P1 W2 P2 ...'), "
+                        "--train-data-path, or --mock-data")
     problems += _blend_problems("--data-path", args.data_path)
     for split in ("train", "valid", "test"):
         problems += _blend_problems(f"--{split}-data-path", getattr(args, f"{split}_data_path"))
-    if args.data_path is not None:
+    if args.data_path is not None or args.mock_data:
         weights = _split_weights(args.split)
         if weights is None:
             problems.append(f"--split {args.split!r} must be up to three non-negative weights "
@@ -561,7 +755,7 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     else:
         has_valid = args.valid_data_path is not None
         args.has_test_data = args.test_data_path is not None
-    if args.eval_iters < 0 or args.eval_interval < 1:
+    if args.eval_iters < 0 or (args.eval_interval is not None and args.eval_interval < 1):
         problems.append("--eval-iters must be >= 0 and --eval-interval >= 1")
     if args.eval_iters > 0 and not has_valid:
         problems.append("validation is on (--eval-iters > 0) but there is no validation data: give "
@@ -612,4 +806,15 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
 
     if problems:
         raise ConfigError(problems)
+    args.ignored_flags = megatron_flags.notes(args)
     return args
+
+
+def resolved_config(args) -> dict:
+    """The finalized command line as JSON-ready data: every flag, the architecture and recipe."""
+    import json
+
+    cfg = {k: v for k, v in vars(args).items() if k not in ("arch", "recipe")}
+    cfg["arch"] = args.arch.as_dict()
+    cfg["recipe"] = dataclasses.asdict(args.recipe)
+    return json.loads(json.dumps(cfg, default=str))

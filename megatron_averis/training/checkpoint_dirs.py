@@ -1,33 +1,53 @@
-"""Checkpoint directory layout and its atomic commit.
+"""Checkpoint directory layout (Megatron-LM's) and its atomic commit.
 
-    <save>/latest_checkpoint.json     {"iteration": N, "dir": "iter_000000N"}  (written last)
-    <save>/iter_000000N/              a complete megatron-core dist checkpoint + train_state.json
-    <save>/iter_000000N.tmp/          a checkpoint being written (never named by the tracker)
+    <save>/latest_checkpointed_iteration.txt   "N"  (Megatron-LM's tracker; replaced last)
+    <save>/iter_000000N/                       a complete megatron-core dist checkpoint, with
+                                               the manifest of its files (checkpoint_integrity.py)
+    <save>/iter_000000N.tmp/                   a checkpoint being written (never tracked)
 
 A checkpoint is written into `<name>.tmp`, renamed to its final name once every rank has finished,
 and only then named in the tracker, which is replaced atomically (temporary file + os.replace).
-A crash at any point leaves the tracker naming the previous complete checkpoint. A final name is
-never overwritten: a second checkpoint of the same iteration (a re-run from an older checkpoint)
-gets `iter_000000N.v2`, so the tracked one stays intact until the tracker moves on.
+A crash at any point leaves the tracker naming the previous complete checkpoint. A second
+checkpoint of an iteration that already has one (a re-run from an older checkpoint) replaces it
+in two renames: the old one becomes `iter_N.superseded` first and is deleted only after the new
+one is in place, and a lookup falls back to it if a crash came in between.
 
-No torch.distributed here: the caller provides the barriers (see checkpointing.py).
+Both Megatron-LM's and this trainer's checkpoints have this layout; which one a directory holds
+is told by its common state (checkpointing.py). No torch.distributed here: the caller provides
+the barriers.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 
-TRACKER = "latest_checkpoint.json"
-TRAIN_STATE = "train_state.json"
+TRACKER = "latest_checkpointed_iteration.txt"
+OLD_TRACKER = "latest_checkpoint.json"  # megatron-averis before the Megatron-LM layout
 _TMP_SUFFIX = ".tmp"
-_NAME = re.compile(r"^iter_(\d{7,})(?:\.v(\d+))?$")
+_SUPERSEDED = ".superseded"
+_NAME = re.compile(r"^iter_(\d{7,})$")
+_DIR_NAME = re.compile(r"^iter_(\d{7,})(?:\.superseded)?$")  # a complete one, or one replaced
+# What marks a directory as holding checkpoints (of any layout), so that --load refuses it
+# rather than starting afresh when it has no tracker.
+_CHECKPOINT_MARKS = re.compile(r"^(iter_\d+(\.superseded)?|release|latest_checkpoint\.json|"
+                               r"metadata\.json|common\.pt|.*\.distcp|model_optim_rng\.pt|"
+                               r"mp_rank_\d+.*)$")
+_LEGACY_MARKS = re.compile(r"^(model_optim_rng\.pt|mp_rank_\d+.*)$")  # --ckpt-format torch
 
 
-def iteration_dir_name(iteration: int, version: int = 1) -> str:
-    return f"iter_{iteration:07d}" + (f".v{version}" if version > 1 else "")
+class UnrecognisedCheckpoint(ValueError):
+    """--load names something that holds checkpoint files but no checkpoint this program reads."""
+
+
+class TrackerDamaged(ValueError):
+    """The tracker cannot be read, or names an iteration without a complete checkpoint: damage
+    (a crash or a hand edit), which loading answers with the newest intact checkpoint."""
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
 
 
 def temp_dir(root: str, iteration: int) -> str:
@@ -42,11 +62,10 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: str, obj) -> None:
+def _write_text_atomic(path: str, text: str) -> None:
     tmp = path + _TMP_SUFFIX
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -64,79 +83,123 @@ def prepare_temp_dir(root: str, iteration: int) -> str:
     return path
 
 
-def commit(root: str, iteration: int, train_state: dict) -> str:
-    """(rank 0, after every rank finished writing into the temp dir) Make it the latest checkpoint.
-
-    Returns the final directory.
-    """
+def commit(root: str, iteration: int) -> str:
+    """(rank 0, after every rank finished writing into the temp dir) Make it the latest
+    checkpoint; returns the final directory."""
     tmp = temp_dir(root, iteration)
-    with open(os.path.join(tmp, TRAIN_STATE), "w", encoding="utf-8") as f:
-        json.dump(train_state, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
     _fsync_dir(tmp)
-    version = 1
-    while os.path.exists(os.path.join(root, iteration_dir_name(iteration, version))):
-        version += 1
-    name = iteration_dir_name(iteration, version)
-    final = os.path.join(root, name)
+    final = os.path.join(root, iteration_dir_name(iteration))
+    old = final + _SUPERSEDED
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
     os.rename(tmp, final)
     _fsync_dir(root)
-    _write_json_atomic(os.path.join(root, TRACKER), {"iteration": iteration, "dir": name})
+    _write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def is_checkpoint_dir(path: str) -> bool:
-    """A committed checkpoint: dist-checkpoint metadata and our train state are both present."""
+    """A complete megatron-core dist checkpoint (its metadata and common state are written last
+    by each rank's save; the commit above makes the directory appear only when all are done)."""
     return (os.path.isfile(os.path.join(path, "metadata.json"))
-            and os.path.isfile(os.path.join(path, TRAIN_STATE)))
+            and os.path.isfile(os.path.join(path, "common.pt")))
+
+
+def _iteration_dir(root: str, iteration: int) -> str | None:
+    """The complete checkpoint of `iteration` in root (or the one it was replacing, when a crash
+    came between the two renames of commit), else None."""
+    final = os.path.join(root, iteration_dir_name(iteration))
+    for path in (final, final + _SUPERSEDED):
+        if is_checkpoint_dir(path):
+            return path
+    return None
+
+
+def read_tracker(root: str) -> int | str | None:
+    """The tracker's iteration ('release' for Megatron-LM's release checkpoints), None without."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    try:
+        with open(tracker, encoding="utf-8") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrackerDamaged(f"{tracker} cannot be read ({type(e).__name__}: {e})") from None
+    if text == "release":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise TrackerDamaged(f"{tracker} holds {text[:40]!r}, not an iteration number") from None
 
 
 def find_latest_checkpoint(root: str) -> tuple[int, str] | None:
     """(iteration, directory) of the checkpoint the tracker names, or None when there is none."""
-    tracker = os.path.join(root, TRACKER)
-    if not os.path.isfile(tracker):
+    entry = read_tracker(root)
+    if entry is None:
         return None
-    with open(tracker, encoding="utf-8") as f:
-        entry = json.load(f)
-    path = os.path.join(root, entry["dir"])
-    if not is_checkpoint_dir(path):
-        raise FileNotFoundError(f"{tracker} names {entry['dir']!r}, which is not a complete "
-                                f"checkpoint; the directory was changed by hand")
-    return int(entry["iteration"]), path
+    if entry == "release":
+        path = os.path.join(root, "release")
+        if not is_checkpoint_dir(path):
+            raise FileNotFoundError(f"{root}/{TRACKER} names 'release', which is not a complete "
+                                    "dist checkpoint")
+        return 0, path
+    path = _iteration_dir(root, entry)
+    if path is not None:
+        return entry, path
+    named = os.path.join(root, iteration_dir_name(entry))
+    problem = (f"{os.path.join(root, TRACKER)} names iteration {entry}, but "
+               f"{iteration_dir_name(entry)} is not a complete checkpoint")
+    if os.path.isdir(named) and any(_LEGACY_MARKS.match(n) for n in os.listdir(named)):
+        raise UnrecognisedCheckpoint(f"{problem}: it is in Megatron-LM's --ckpt-format torch; "
+                                     "convert it with Megatron-LM's --ckpt-convert-format torch_dist")
+    raise TrackerDamaged(problem)
 
 
-def find_checkpoint(load: str, step: int | None = None) -> tuple[int, str] | None:
+def find_checkpoint(load: str, step: int | None = None) -> tuple[int | None, str] | None:
     """The checkpoint to resume from: --load may be a --save directory (latest, or iteration
-    `step`) or one checkpoint directory itself. None when --load holds no checkpoint yet."""
+    `step`) or one checkpoint directory itself (iteration None: read from its common state).
+    None when --load holds no checkpoint yet (missing, or without checkpoint files: a fresh
+    start); UnrecognisedCheckpoint when it holds checkpoint files of another layout;
+    TrackerDamaged when its tracker is."""
     if is_checkpoint_dir(load):
-        state = read_train_state(load)
-        if step is not None and state["iteration"] != step:
-            raise FileNotFoundError(f"--load {load!r} is the checkpoint of iteration "
-                                    f"{state['iteration']}, not --ckpt-step {step}")
-        return state["iteration"], load
-    if step is None:
-        return find_latest_checkpoint(load) if os.path.isdir(load) else None
-    found = dict(committed_checkpoints(load)).get(step)
-    if found is None:
-        raise FileNotFoundError(f"--load {load!r} has no complete checkpoint of iteration {step} "
-                                "(--ckpt-step)")
-    return step, found
+        return None, load
+    if not os.path.isdir(load):
+        return None
+    if step is not None:
+        path = _iteration_dir(load, step)
+        if path is None:
+            raise FileNotFoundError(f"--load {load!r} has no complete checkpoint of iteration "
+                                    f"{step} (--ckpt-step)")
+        return step, path
+    found = find_latest_checkpoint(load)
+    if found is not None:
+        return found
+    if os.path.isfile(os.path.join(load, OLD_TRACKER)):
+        raise UnrecognisedCheckpoint(
+            f"--load {load!r} is in the layout of megatron-averis before it adopted Megatron-LM's "
+            f"({OLD_TRACKER}); point --load at one of its iter_* directories to read its weights")
+    marks = sorted(n for n in os.listdir(load) if _CHECKPOINT_MARKS.match(n))
+    if marks:
+        raise UnrecognisedCheckpoint(
+            f"--load {load!r} holds checkpoint files ({', '.join(marks[:4])}) but no "
+            f"{TRACKER}; give a directory written with --ckpt-format torch_dist by Megatron-LM or "
+            "this program, or one of its iter_* directories")
+    return None
+
+
+def iteration_of(path: str) -> int | None:
+    """The iteration an `iter_N` (or `iter_N.superseded`) directory holds, by its name."""
+    m = _DIR_NAME.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
 
 
 def committed_checkpoints(root: str) -> list[tuple[int, str]]:
-    """(iteration, directory) of every committed checkpoint under a --save directory, oldest
-    first; of several versions of one iteration, the newest."""
-    newest: dict[int, tuple[int, str]] = {}
-    for name in os.listdir(root) if os.path.isdir(root) else []:
-        m = _NAME.match(name)
-        if m and is_checkpoint_dir(os.path.join(root, name)):
-            version = (int(m.group(2) or 1), name)
-            newest[int(m.group(1))] = max(newest.get(int(m.group(1)), version), version)
-    return [(it, os.path.join(root, name)) for it, (_, name) in sorted(newest.items())]
-
-
-def read_train_state(path: str) -> dict:
-    with open(os.path.join(path, TRAIN_STATE), encoding="utf-8") as f:
-        return json.load(f)
+    """(iteration, directory) of every complete checkpoint under a --save directory, oldest
+    first, found as a lookup of that iteration finds it."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    found = ((it, _iteration_dir(root, it))
+             for it in sorted({iteration_of(n) for n in names} - {None}))
+    return [(it, path) for it, path in found if path is not None]

@@ -3,14 +3,13 @@ before it is committed, verified before it is loaded.
 
     <checkpoint>/checkpoint_manifest.json
         {"format": 1, "checksum": "sha256" | "size",
-         "files": {"__0_0.distcp": {"bytes": 1212621, "sha256": "..."}, ...},
-         "train_state": {...}}
+         "files": {"__0_0.distcp": {"bytes": 1212621, "sha256": "..."}, "common.pt": {...}, ...}}
 
-Every function takes the checkpoint directory itself, so nothing here depends on how checkpoints
-are named or tracked (checkpoint_dirs.py). Hashing is split over the ranks (`share`): each hashes
-every world-th file and the caller gathers the parts, so a large checkpoint is hashed in parallel.
-The train state is committed after the manifest (checkpoint_dirs.commit writes it), so the
-manifest carries a copy and verification compares the two.
+The manifest covers every file of the checkpoint, the common state (common.pt: iteration, train
+state, schedule, args) included, and is written last, before the commit. Every function takes the
+checkpoint directory itself, so nothing here depends on how checkpoints are named or tracked
+(checkpoint_dirs.py). Hashing is split over the ranks (`share`): each hashes every world-th file
+and the caller gathers the parts, so a large checkpoint is hashed in parallel.
 No torch.distributed here: the caller gathers the parts.
 """
 
@@ -22,8 +21,6 @@ import os
 import re
 import resource
 import shutil
-
-from megatron_averis.training.checkpoint_dirs import TRAIN_STATE as _TRAIN_STATE  # commit() writes it
 
 MANIFEST = "checkpoint_manifest.json"
 CHECKSUMS = ("sha256", "size")
@@ -53,7 +50,7 @@ def list_files(directory: str) -> list[str]:
     for base, _, names in os.walk(directory):
         for name in names:
             rel = os.path.relpath(os.path.join(base, name), directory)
-            if rel not in (MANIFEST, _TRAIN_STATE):
+            if rel != MANIFEST:
                 out.append(rel)
     return sorted(out)
 
@@ -83,12 +80,12 @@ def share(files: list[str], rank: int, world: int) -> list[str]:
     return files[rank::world]
 
 
-def write_manifest(directory: str, files: dict[str, dict], checksum: str, train_state: dict) -> None:
+def write_manifest(directory: str, files: dict[str, dict], checksum: str) -> None:
     """(one rank, after every file is written) The manifest, flushed to disk."""
     path = os.path.join(directory, MANIFEST)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"format": _FORMAT, "checksum": checksum, "files": files,
-                   "train_state": train_state}, f, indent=1, sort_keys=True)
+        json.dump({"format": _FORMAT, "checksum": checksum, "files": files}, f, indent=1,
+                  sort_keys=True)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -131,29 +128,14 @@ def file_problems(directory: str, manifest: dict, files: list[str]) -> list[str]
 
 def check(directory: str, rank: int = 0, world: int = 1) -> list[str] | None:
     """What is wrong with rank `rank`'s share of the checkpoint in `directory` ([] when intact;
-    rank 0 also checks the manifest and the train state); None when it has no manifest."""
+    rank 0 also reports an unreadable manifest); None when it has no manifest."""
     try:
         manifest = read_manifest(directory)
     except CheckpointDamaged as e:
         return [e.problem] if rank == 0 else []
     if manifest is None:
         return None
-    problems = file_problems(directory, manifest, share(sorted(manifest["files"]), rank, world))
-    if rank == 0:
-        problems += train_state_problems(directory, manifest)
-    return problems
-
-
-def train_state_problems(directory: str, manifest: dict) -> list[str]:
-    path = os.path.join(directory, _TRAIN_STATE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        return [f"{path} cannot be read ({type(e).__name__}: {e})"]
-    if "train_state" in manifest and saved != manifest["train_state"]:
-        return [f"{path} differs from the train state recorded in the manifest"]
-    return []
+    return file_problems(directory, manifest, share(sorted(manifest["files"]), rank, world))
 
 
 def _os_error(error: BaseException) -> str | None:
@@ -183,12 +165,17 @@ def error_summary(error: BaseException) -> str:
     return summary
 
 
-def free_bytes(path: str) -> int:
-    """Free bytes of the file system that holds `path` (or would, once it is created)."""
+def nearest_existing(path: str) -> str:
+    """`path`, or its nearest ancestor that exists (where creating it would start)."""
     path = os.path.abspath(path)
     while not os.path.exists(path):
         path = os.path.dirname(path)
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes of the file system that holds `path` (or would, once it is created)."""
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def write_failure_message(error: BaseException, temp: str, root: str, bytes_needed: int,

@@ -10,6 +10,7 @@ leaves no partial directory and the previous checkpoint latest (checkpoint_integ
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -17,6 +18,7 @@ import time
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
@@ -27,13 +29,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_averis.training import checkpoint_dirs, preflight, rng_state
 from megatron_averis.training import checkpoint_integrity as integrity
-from megatron_averis.training.checkpoint_integrity import (CheckpointDamaged, CheckpointError,
-                                                           CheckpointWriteFailed)
+from megatron_averis.training.checkpoint_integrity import CheckpointDamaged, CheckpointWriteFailed
 
 # What megatron-core's reader and writer raise; torch's CheckpointException is no Exception.
 _IO_ERRORS = (Exception, CheckpointException)
-# Fields of the configuration that must match for a checkpoint to load into this model.
-_ARCH_MUST_MATCH = ("arch", "padded_vocab_size")
+# Architecture fields that must match for a checkpoint's weights to load into this model.
+_ARCH_MUST_MATCH = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                    "num_query_groups", "kv_channels", "qk_layernorm", "tie_embeddings")
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint version
 
 
 def _layout() -> list[int]:
@@ -46,6 +49,43 @@ def _rank_coords() -> tuple[int, int, int]:
     return (parallel_state.get_pipeline_model_parallel_rank(),
             parallel_state.get_tensor_model_parallel_rank(),
             parallel_state.get_data_parallel_rank())
+
+
+def megatron_lm_args(args, train_state: dict) -> argparse.Namespace:
+    """The `args` entry of a Megatron-LM checkpoint: the run's flags under Megatron-LM's names,
+    with the architecture resolved (Megatron-LM's load reads num_layers, hidden_size,
+    num_attention_heads, consumed_train_samples, ...)."""
+    from megatron_averis.training.arguments import resolved_config
+
+    cfg = {k: v for k, v in resolved_config(args).items() if not isinstance(v, dict)}
+    a = args.arch
+    cfg.update(
+        num_layers=a.num_layers, hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
+        num_attention_heads=a.num_attention_heads, group_query_attention=True,
+        num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
+        qk_layernorm=a.qk_layernorm, rotary_base=a.rotary_base, norm_epsilon=a.norm_epsilon,
+        max_position_embeddings=a.max_position_embeddings, init_method_std=a.init_method_std,
+        untie_embeddings_and_output_weights=not a.tie_embeddings,
+        attention_dropout=a.attention_dropout, hidden_dropout=a.hidden_dropout,
+        position_embedding_type="rope", add_position_embedding=True, normalization="RMSNorm",
+        swiglu=True, add_bias_linear=False, padded_vocab_size=args.padded_vocab_size,
+        ckpt_format="torch_dist", use_dist_ckpt=True, iteration=train_state["iteration"],
+        consumed_train_samples=train_state["consumed_train_samples"],
+        consumed_valid_samples=0, skipped_train_samples=0)
+    return argparse.Namespace(**cfg)
+
+
+def arch_of_megatron_lm_args(ckpt_args) -> dict:
+    """_ARCH_MUST_MATCH fields of a Megatron-LM checkpoint's `args` (its defaults applied)."""
+    get = lambda k, d=None: getattr(ckpt_args, k, d)  # noqa: E731
+    heads = get("num_attention_heads")
+    groups = get("num_query_groups") if get("group_query_attention") else None
+    return {"num_layers": get("num_layers"), "hidden_size": get("hidden_size"),
+            "ffn_hidden_size": get("ffn_hidden_size"), "num_attention_heads": heads,
+            "num_query_groups": groups or heads,
+            "kv_channels": get("kv_channels") or (get("hidden_size") // heads if heads else None),
+            "qk_layernorm": bool(get("qk_layernorm", False)),
+            "tie_embeddings": not get("untie_embeddings_and_output_weights", False)}
 
 
 class _FailedElsewhere(RuntimeError):
@@ -81,7 +121,8 @@ def latest_checkpoint(root: str) -> tuple[int, str] | None:
 
 
 class Checkpointer:
-    """Saves and loads the whole training state of this process's model chunks."""
+    """Saves and loads the whole training state of this process's model chunks, in Megatron-LM's
+    layout; loads Megatron-LM's checkpoints of the same architecture."""
 
     def __init__(self, args, model_chunks, optimizer, scheduler, config_dict: dict):
         self.args = args
@@ -89,32 +130,35 @@ class Checkpointer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.config_dict = config_dict
-        self._optim_metadata = {
-            "distrib_optim_sharding_type": ("fully_reshardable"
-                                            if args.dist_ckpt_optim_fully_reshardable
-                                            else "dp_reshardable"),
-        }
 
-    def _sharded_state_dict(self, *, is_loading: bool, optimizer: bool, rng: bool,
-                            train_state: dict | None = None) -> dict:
+    def _metadata(self, saved: dict | None = None) -> dict:
+        """The sharded-state-dict metadata Megatron-LM uses (saved as the content metadata, so a
+        load reads a checkpoint the way it was written)."""
+        metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+        if self.args.use_distributed_optimizer:
+            metadata["distrib_optim_sharding_type"] = (
+                "fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable
+                else "dp_reshardable")
+        metadata.update(saved or {})
+        return metadata
+
+    def _sharded_state_dict(self, metadata: dict, *, rng: bool) -> dict:
+        """The sharded part, keyed as Megatron-LM keys it ("model", "optimizer"); the RNG state
+        is ours (Megatron-LM's own `rng_state` has another format)."""
+        live = self._live(metadata)
         # The models' own keys, without the DDP wrapper's "module." prefix.
         if len(self.model) == 1:
-            state = {"model": self.model[0].module.sharded_state_dict()}
+            state = {"model": self.model[0].module.sharded_state_dict(metadata=live)}
         else:
-            state = {f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(self.model)}
-        if optimizer:
-            state["optimizer"] = self.optimizer.sharded_state_dict(
-                state, is_loading=is_loading, metadata=self._optim_metadata)
-        state["scheduler"] = self.scheduler.state_dict()
-        state["train_state"] = dict(train_state or {})
-        state["config"] = self.config_dict
-        state["parallel_layout"] = _layout()
+            state = {f"model{i}": m.module.sharded_state_dict(metadata=live)
+                     for i, m in enumerate(self.model)}
         if rng:
             # One object per rank: TP ranks differ in their tracker streams, DP ranks may differ
             # in Python/NumPy state and stochastic-rounding counters do not, but keeping every
             # rank's own state makes the resume exact without reasoning about which are equal.
-            state["rng_state"] = ShardedObject("rng_state", rng_state.capture(self.model),
-                                               tuple(_layout()), _rank_coords(), replica_id=0)
+            state["averis_rng_state"] = ShardedObject(
+                "averis_rng_state", rng_state.capture(self.model), tuple(_layout()),
+                _rank_coords(), replica_id=0)
         return state
 
     def save(self, iteration: int, train_state: dict) -> tuple[str, float]:
@@ -124,14 +168,28 @@ class Checkpointer:
         temp = checkpoint_dirs.temp_dir(root, iteration)
         try:
             _everywhere(lambda: checkpoint_dirs.prepare_temp_dir(root, iteration), rank0_only=True)
-            state = self._sharded_state_dict(is_loading=False, optimizer=True, rng=True,
-                                             train_state=train_state)
+            metadata = self._metadata()
+            state = self._sharded_state_dict(metadata, rng=True)
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                state, is_loading=False, metadata=self._live(metadata))
+            state.update({
+                "args": megatron_lm_args(self.args, train_state),
+                "checkpoint_version": CHECKPOINT_VERSION,
+                "iteration": iteration,
+                "opt_param_scheduler": self.scheduler.state_dict(),
+                "num_floating_point_operations_so_far": train_state.get(
+                    "floating_point_operations", 0),
+                "train_state": dict(train_state),
+                "config": self.config_dict,
+                "parallel_layout": _layout(),
+            })
             # Replicated tensors are written by one data-parallel rank each, spread over the group.
             strategy = FullyParallelSaveStrategyWrapper(
                 get_default_save_sharded_strategy(),
                 parallel_state.get_data_parallel_group(with_context_parallel=True))
-            dist_checkpointing.save(state, temp, sharded_strategy=strategy)
-            final = self._seal(temp, iteration, train_state)
+            dist_checkpointing.save(state, temp, sharded_strategy=strategy,
+                                    content_metadata=metadata)
+            final = self._seal(temp, iteration)
         except _IO_ERRORS as e:
             if torch.distributed.get_rank() == 0:
                 shutil.rmtree(temp, ignore_errors=True)
@@ -141,7 +199,7 @@ class Checkpointer:
                 e, temp, root, need, latest_checkpoint(root))) from e
         return final, time.monotonic() - start
 
-    def _seal(self, temp: str, iteration: int, train_state: dict) -> str:
+    def _seal(self, temp: str, iteration: int) -> str:
         """Every rank's files are written: record them in the manifest (each rank hashes a share)
         and commit. Returns the final directory."""
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -151,8 +209,8 @@ class Checkpointer:
         entries = {k: v for part in parts for k, v in part.items()}
 
         def commit():
-            integrity.write_manifest(temp, entries, self.args.ckpt_integrity, train_state)
-            return checkpoint_dirs.commit(self.args.save, iteration, train_state)
+            integrity.write_manifest(temp, entries, self.args.ckpt_integrity)
+            return checkpoint_dirs.commit(self.args.save, iteration)
 
         return _everywhere(commit, rank0_only=True)[0]
 
@@ -185,43 +243,73 @@ class Checkpointer:
                    "empty --save directory")
         raise CheckpointDamaged(damaged, f"{problem}. {way}")
 
-    def _find_intact(self) -> tuple[int, str] | None:
-        """The checkpoint --load / --ckpt-step name, verified; None when there is none yet."""
+    def _find_intact(self) -> tuple[int | None, str] | None:
+        """The checkpoint --load / --ckpt-step name, verified against its manifest; None when
+        there is none yet. Iteration None: --load is a checkpoint directory itself."""
         load = self.args.load
-        root = os.path.dirname(os.path.abspath(load)) if checkpoint_dirs.is_checkpoint_dir(load) else load
+        direct = checkpoint_dirs.is_checkpoint_dir(load)
+        root = os.path.dirname(os.path.abspath(load)) if direct else load
         try:
             found = checkpoint_dirs.find_checkpoint(load, self.args.ckpt_step)
-        except (OSError, ValueError, KeyError) as e:  # the tracker is unreadable or names junk
-            return self._way_out(root, None, os.path.join(root, checkpoint_dirs.TRACKER),
-                                 f"{type(e).__name__}: {e}")
+        except checkpoint_dirs.TrackerDamaged as e:
+            return self._way_out(root, None, os.path.join(root, checkpoint_dirs.TRACKER), str(e))
         if found is None:
             return None
         problems = self._problems(found[1])
         if problems:
+            # A directory given itself falls back only to older siblings named iter_N.
+            below = found[0] if not direct else (checkpoint_dirs.iteration_of(load) or 0)
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            return self._way_out(root, found[0], found[1], problems[0] + more)
+            return self._way_out(root, below, found[1], problems[0] + more)
         if problems is None and torch.distributed.get_rank() == 0:
-            print(f"note: {found[1]} has no {integrity.MANIFEST} (written by an older version); "
-                  "loading it unverified", flush=True)
+            print(f"note: {found[1]} has no {integrity.MANIFEST} (written by Megatron-LM or an "
+                  "older version of this program); loading it unverified", flush=True)
         return found
 
+    @staticmethod
+    def _live(metadata: dict) -> dict:
+        return {**metadata, "dp_cp_group": parallel_state.get_data_parallel_group(
+            with_context_parallel=True)}
+
     def load(self) -> dict | None:
-        """Restore everything from --load; returns the saved train state, or None when --load
-        holds no checkpoint yet (a fresh start). Collective."""
+        """Restore from --load; returns the train state to continue from, or None when --load
+        holds no checkpoint yet (a fresh start). A Megatron-LM checkpoint gives its weights, and
+        its optimizer and schedule when it has them; without optimizer state (or with
+        --finetune) training starts at iteration 0 from its weights. Collective."""
         found = self._find_intact()
         if found is None:
             return None
         iteration, path = found
         with _named_on_failure(path):
             common = dist_checkpointing.load_common_state_dict(path)
-        self._check_compatible(common["config"], path)
-        load_rng = not self.args.no_load_rng and common["parallel_layout"] == _layout()
-        load_optim = not self.args.no_load_optim
+            saved_metadata = dist_checkpointing.load_content_metadata(path) or {}
+            has_optim = any(k.startswith("optimizer") for k in load_sharded_metadata(path))
+        ours = "config" in common
+        if iteration is None:
+            iteration = int(common.get("iteration", 0))
+        self._check_compatible(common, path, ours)
+        metadata = self._metadata({k: v for k, v in saved_metadata.items()
+                                   if k != "distrib_optim_sharding_type"
+                                   or self.args.use_distributed_optimizer})
+        finetune = self.args.finetune or not has_optim
+        load_optim = has_optim and not (self.args.no_load_optim or finetune)
+        load_rng = (ours and not (self.args.no_load_rng or finetune)
+                    and common["parallel_layout"] == _layout())
+        state = self._sharded_state_dict(metadata, rng=load_rng)
         if load_optim:
             _materialize_optimizer_state(self.optimizer)
-        state = self._sharded_state_dict(is_loading=True, optimizer=load_optim, rng=load_rng)
-        with _named_on_failure(path):
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                state, is_loading=True, metadata=self._live(metadata))
+        try:
             loaded = dist_checkpointing.load(state, path)
+        except _IO_ERRORS as e:
+            if ours or not load_optim:
+                raise _unreadable(path, e) from e
+            # Megatron-LM's optimizer state follows its optimizer (TE/Apex Adam, sharding type).
+            raise ValueError(f"{path}: the weights of this Megatron-LM checkpoint fit, but its "
+                             f"optimizer state does not load here ({type(e).__name__}: {e}); "
+                             "start from its weights with --finetune (or --no-load-optim to keep "
+                             "its iteration and schedule)") from e
         if len(self.model) == 1:
             self.model[0].load_state_dict(loaded["model"])
         else:
@@ -234,39 +322,64 @@ class Checkpointer:
             with torch.no_grad(), _step_kept_where_not_loaded(self.optimizer):
                 self.optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_steps(self.optimizer)
-        self.scheduler.load_state_dict(loaded["scheduler"])
+        elif self.optimizer is not None:
+            # Without optimizer state the FP32 main parameters still hold the initial weights:
+            # copy the loaded ones in (megatron-core's mixed-precision optimizer keeps its own).
+            self.optimizer.reload_model_params()
+        if not finetune and "opt_param_scheduler" in common:
+            self.scheduler.load_state_dict(common["opt_param_scheduler"])
         if load_rng:
-            rng_state.restore(loaded["rng_state"], self.model)
-        train_state = dict(loaded["train_state"])
-        train_state["loaded_from"] = path
-        train_state["rng_restored"] = load_rng
-        train_state["optimizer_restored"] = load_optim
-        assert train_state["iteration"] == iteration, (train_state["iteration"], iteration)
+            rng_state.restore(loaded["averis_rng_state"], self.model)
+        if finetune:
+            train_state = {"iteration": 0, "consumed_train_samples": 0}
+        elif ours:
+            train_state = dict(common["train_state"])
+        else:
+            train_state = {"iteration": iteration, "consumed_train_samples": int(getattr(
+                common.get("args"), "consumed_train_samples", 0))}
+        train_state.update(loaded_from=path, loaded_iteration=iteration, rng_restored=load_rng,
+                           optimizer_restored=load_optim, finetune=finetune,
+                           source="megatron-averis" if ours else "Megatron-LM")
         return train_state
 
-    def _check_compatible(self, saved: dict, path: str) -> None:
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {self.config_dict.get(k)!r}"
-                 for k in _ARCH_MUST_MATCH if saved.get(k) != self.config_dict.get(k)]
+    def _check_compatible(self, common: dict, path: str, ours: bool) -> None:
+        if ours:
+            saved = {**common["config"]["arch"], "padded_vocab_size": common["config"].get(
+                "padded_vocab_size")}
+        elif "args" in common:
+            saved = {**arch_of_megatron_lm_args(common["args"]),
+                     "padded_vocab_size": getattr(common["args"], "padded_vocab_size", None)}
+        else:
+            raise checkpoint_dirs.UnrecognisedCheckpoint(
+                f"{path} is a dist checkpoint without Megatron-LM's `args` or this program's run "
+                "configuration; it was not written by Megatron-LM's or this trainer")
+        now = {**self.args.arch.as_dict(), "padded_vocab_size": self.args.padded_vocab_size}
+        keys = _ARCH_MUST_MATCH + (("padded_vocab_size",) if saved["padded_vocab_size"] else ())
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+                 for k in keys if saved.get(k) != now.get(k)]
         if diffs:
             raise ValueError(f"checkpoint {path} was trained with a different model; "
-                             "use the same --model-preset / architecture flags and tokenizer:\n  "
+                             "use the same architecture flags (or --model-preset) and tokenizer "
+                             "(--make-vocab-size-divisible-by pads the vocabulary):\n  "
                              + "\n  ".join(diffs))
+
+
+def _unreadable(path: str, error: BaseException) -> CheckpointDamaged:
+    """megatron-core's reader fails on a damaged file (here: one without a manifest) with a
+    traceback that names neither the checkpoint nor a way out."""
+    root = os.path.dirname(os.path.abspath(path))
+    others = [str(it) for it, p in checkpoint_dirs.committed_checkpoints(root) if p != path]
+    return CheckpointDamaged(path, f"it cannot be read ({integrity.error_summary(error)}). Resume "
+                             "another checkpoint with --ckpt-step N; complete ones under "
+                             f"{root}: {', '.join(others) or 'none'}")
 
 
 @contextlib.contextmanager
 def _named_on_failure(path: str):
-    """megatron-core's reader fails on a damaged file (here: one without a manifest) with a
-    traceback that names neither the checkpoint nor a way out."""
     try:
         yield
-    except CheckpointError:
-        raise
     except _IO_ERRORS as e:
-        root = os.path.dirname(os.path.abspath(path))
-        others = [str(it) for it, p in checkpoint_dirs.committed_checkpoints(root) if p != path]
-        raise CheckpointDamaged(path, f"it cannot be read ({integrity.error_summary(e)}). Resume "
-                                "another checkpoint with --ckpt-step N; complete ones under "
-                                f"{root}: {', '.join(others) or 'none'}") from e
+        raise _unreadable(path, e) from e
 
 
 def _materialize_optimizer_state(optimizer) -> None:

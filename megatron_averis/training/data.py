@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_averis.data.tokenizer import build_tokenizer
 
@@ -32,7 +32,15 @@ def parse_blend(values: list[str] | None):
 
 
 def load_tokenizer(args):
-    return build_tokenizer(args.tokenizer_model)
+    """The tokenizer of --tokenizer-type (resolved by arguments.finalize_args)."""
+    if args.tokenizer_type == "NullTokenizer":
+        # Megatron-LM's: ids 0..N-1 and the end-of-document token N (vocabulary N + 1).
+        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+        return NullTokenizer(args.vocab_size)
+    from megatron_averis.training.arguments import TOKENIZER_LIBRARIES
+
+    return build_tokenizer(args.tokenizer_model, TOKENIZER_LIBRARIES[args.tokenizer_type])
 
 
 def dataset_config(args, tokenizer) -> GPTDatasetConfig:
@@ -46,8 +54,10 @@ def dataset_config(args, tokenizer) -> GPTDatasetConfig:
         # No explicit mask: causal attention without a mask lets SDPA pick its flash kernel.
         create_attention_mask=False,
         path_to_cache=args.data_cache_path,
-        mmap_bin_files=True,
+        mmap_bin_files=args.mmap_bin_files,
     )
+    if args.mock_data:  # megatron-core's MockGPTDataset: neither blend given
+        return GPTDatasetConfig(split=args.split, **common)
     if args.data_path is not None:
         config = GPTDatasetConfig(blend=parse_blend(args.data_path), split=args.split, **common)
         # Splits that will not be read are not built: the others keep the document ranges
@@ -78,10 +88,11 @@ def build_datasets(args, tokenizer):
         eval_samples(args) if args.has_test_data and args.eval_iters > 0 else None,
     ]
     config = dataset_config(args, tokenizer)
-    if args.data_path is not None:
+    if args.data_path is not None or args.mock_data:
         # megatron-core wants a size for every split of a weighted blend, built or not.
         sizes = [s if s is not None else 0 for s in sizes]
-    datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     train, valid, test = datasets
     if train is None or len(train) == 0:
         raise RuntimeError("the training split is empty; check --data-path/--split or "

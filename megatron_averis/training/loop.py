@@ -8,7 +8,6 @@ clips the global gradient norm and steps, and the LR schedule advances by one gl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -26,9 +25,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_averis.linear.sr_step import SR_STEP
 from megatron_averis.training import data as data_lib
 from megatron_averis.training import distributed, preflight
-from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args
+from megatron_averis.training.arguments import (ConfigError, finalize_args, parse_args,
+                                                resolved_config)
 from megatron_averis.training.checkpoint_integrity import CheckpointError
 from megatron_averis.training.checkpointing import Checkpointer, latest_checkpoint
+from megatron_averis.training.config import ModelConfig
 from megatron_averis.training.cpu_compat import cpu_training
 from megatron_averis.training import cuda_graph
 from megatron_averis.training.divergence import DivergenceGuard, TrainingDiverged, guarded_step
@@ -39,7 +40,7 @@ from megatron_averis.training.optim import build_optimizer, build_scheduler, wra
 from megatron_averis.training.presets import (padded_vocab_size, parameter_counts,
                                               training_flops_per_iteration)
 from megatron_averis.training.rng_state import seed_everything
-from megatron_averis.training.writers import RunLogger
+from megatron_averis.training.writers import RunLogger, new_launch_id, wandb_run_id
 
 
 def print0(*parts) -> None:
@@ -65,10 +66,7 @@ def run_config(args, tokenizer) -> dict:
     """Everything that defines the run, identical on every rank (it goes into checkpoints)."""
     import megatron.core
 
-    skip = {"arch", "recipe"}
-    cfg = {k: v for k, v in vars(args).items() if k not in skip}
-    cfg["arch"] = args.arch.as_dict()
-    cfg["recipe"] = dataclasses.asdict(args.recipe)
+    cfg = resolved_config(args)
     cfg["tokenizer"] = {"vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod}
     cfg["world_size"] = torch.distributed.get_world_size()
     cfg["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
@@ -95,8 +93,9 @@ class Trainer:
         seed_everything(args.seed, parallel_state.get_pipeline_model_parallel_rank())
 
         self.tokenizer = data_lib.load_tokenizer(args)
-        args.vocab_size = self.tokenizer.vocab_size
-        args.padded_vocab_size = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by,
+        args.tokenizer_vocab_size = self.tokenizer.vocab_size
+        args.padded_vocab_size = padded_vocab_size(args.tokenizer_vocab_size,
+                                                   args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
 
         self._build_model_and_optimizer()
@@ -124,22 +123,35 @@ class Trainer:
         print0(f"datasets ready in {time.monotonic() - start:.1f} s: train {len(self.train_ds):,} "
                f"samples" + (f", valid {len(self.valid_ds):,}" if self.valid_ds is not None else "")
                + (f", test {len(self.test_ds):,}" if self.test_ds is not None else ""))
-        self.logger = RunLogger(args, self.config_dict, enabled=torch.distributed.get_rank() == 0)
+        self.logger = RunLogger(args, self.config_dict, enabled=torch.distributed.get_rank() == 0,
+                                wandb_id=self._wandb_id())
         self.tokens_per_iteration = args.global_batch_size * args.seq_length
         self.flops_per_iteration = training_flops_per_iteration(
             args.arch, args.padded_vocab_size, args.seq_length, args.global_batch_size)
         self.peak, self.peak_text = peak_tflops(device, args.peak_tflops)
-        self.stop_requested = False
+        self.stop_requested = self.signalled = False
+        self.launched = time.monotonic()
         if args.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self._report_setup()
+
+    def _wandb_id(self) -> str:
+        """The resumed run's wandb id (kept in its checkpoints), else a new launch's, the same on
+        every rank."""
+        r = self.resumed_from
+        if r and not r["finetune"] and r.get("wandb_run_id"):
+            return r["wandb_run_id"]
+        chosen = [wandb_run_id(self.args.run_name, new_launch_id())]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        return chosen[0]
 
     def _build_model_and_optimizer(self) -> None:
         """Model chunks wrapped in DDP, the optimizer and the LR schedule, from self.args (vocabulary
         sizes set) on self.device. Also how benchmarks/model_step.py builds them."""
         args, device = self.args, self.device
-        self.config = transformer_config(args, device)
-        model = build_model(args, self.config, device)
+        self.model_config = ModelConfig.from_args(args)
+        self.config = transformer_config(self.model_config, device)
+        model = build_model(self.model_config, self.config, device)
         self.local_parameters = count_local_parameters(model)
         self.model = wrap_data_parallel(args, self.config, model)
         self.optimizer = build_optimizer(args, self.config, self.model)
@@ -159,6 +171,7 @@ class Trainer:
     def _report_setup(self) -> None:
         a = self.args
         counts = parameter_counts(a.arch, a.padded_vocab_size)
+        steps = a.lr_schedule_samples
         device = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU")
         tied = "tied with the output layer" if a.arch.tie_embeddings else \
             f"+ output layer {_millions(counts['output_layer'])}"
@@ -170,7 +183,8 @@ class Trainer:
             f"model {a.model_preset or 'custom'}: {_millions(counts['total'])} parameters "
             f"(embedding {_millions(counts['embedding'])} {tied}, decoder "
             f"{_millions(counts['decoder'])}); this rank holds {_millions(self.local_parameters)}",
-            f"vocabulary {a.vocab_size} from {a.tokenizer_model}, padded to {a.padded_vocab_size}",
+            f"vocabulary {a.tokenizer_vocab_size} from {a.tokenizer_type} "
+            f"{a.tokenizer_model or ''}, padded to {a.padded_vocab_size}",
             f"precision: {'BF16' if a.bf16 else 'FP32'} parameters, FP32 main grads"
             f"{', distributed optimizer' if a.use_distributed_optimizer else ''}",
             a.recipe.describe() if not a.recipe.is_bf16 else
@@ -179,21 +193,29 @@ class Trainer:
             f"{a.num_microbatches} micro-batches x DP {self.dp_size}; seq {a.seq_length}; "
             f"{self.tokens_per_iteration:,} tokens/step; "
             f"{a.train_iters * self.tokens_per_iteration:,} tokens in {a.train_iters} steps",
-            f"lr: {a.lr_decay_style} {a.lr:g} -> {a.min_lr:g}, warm-up {a.lr_warmup_iters} iters "
-            f"from {a.lr_warmup_init:g}" + (f", WSD decay {a.lr_wsd_decay_iters} iters "
-                                           f"({a.lr_wsd_decay_style})" if a.lr_decay_style == "WSD" else "")
+            f"lr: {a.lr_decay_style} {a.lr:g} -> {a.min_lr:g} over {steps['decay']:,} samples, "
+            f"warm-up {steps['warmup']:,} samples from {a.lr_warmup_init:g}"
+            + (f", WSD decay {steps['wsd']:,} samples ({a.lr_wsd_decay_style})"
+               if a.lr_decay_style == "WSD" else "")
             + f"; clip-grad {a.clip_grad:g}; seed {a.seed}",
             f"model FLOPs: {self.flops_per_iteration / 1e12:,.2f} TFLOP per step; MFU against "
             f"{self.peak_text}",
             f"logs: {a.log_dir} (metrics.jsonl, config.json), TensorBoard {a.tensorboard_dir}",
         ]
         lines += self.logger.messages
+        lines += a.ignored_flags
         if self.resumed_from:
             r = self.resumed_from
-            lines.append(f"resumed from {r['loaded_from']} at iteration {r['iteration']} "
-                         f"({r['consumed_train_samples']:,} samples consumed; loaded in {r['seconds']} s)"
-                         + ("" if r["rng_restored"] else "; RNG state not restored")
-                         + ("" if r["optimizer_restored"] else "; optimizer state not restored"))
+            if r["finetune"]:
+                lines.append(f"weights of {r['source']} checkpoint {r['loaded_from']} (iteration "
+                             f"{r['loaded_iteration']}); training starts at iteration 0 "
+                             "(--finetune, or no optimizer state in the checkpoint)")
+            else:
+                lines.append(f"resumed from {r['loaded_from']} ({r['source']}) at iteration "
+                             f"{r['iteration']} ({r['consumed_train_samples']:,} samples consumed; "
+                             f"loaded in {r['seconds']} s)"
+                             + ("" if r["rng_restored"] else "; RNG state not restored")
+                             + ("" if r["optimizer_restored"] else "; optimizer state not restored"))
         elif a.load:
             lines.append(f"--load {a.load}: no checkpoint yet, starting from scratch")
         print0("\n".join(lines))
@@ -207,7 +229,7 @@ class Trainer:
             self.logger.record("start", self.iteration, {"config": start})
 
     def _on_sigterm(self, signum, frame) -> None:
-        self.stop_requested = True
+        self.stop_requested = self.signalled = True
 
     # -- one step -----------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -294,6 +316,8 @@ class Trainer:
             "consumed_train_tokens": self.consumed_samples * self.args.seq_length,
             "seed": self.args.seed,
             "global_batch_size": self.args.global_batch_size,
+            "floating_point_operations": self.iteration * self.flops_per_iteration,
+            "wandb_run_id": self.logger.wandb_id,
             "divergence_guard": self.guard.state_dict(),
         }
         path, seconds = self.checkpointer.save(self.iteration, train_state)
@@ -338,7 +362,8 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------
     def train(self) -> None:
         a = self.args
-        self.last_saved = self.iteration if self.resumed_from else None
+        self.last_saved = (self.iteration if self.resumed_from and not self.resumed_from["finetune"]
+                           else None)
         self.last_validated = None
         loader = data_lib.make_loader(self.train_ds, self.consumed_samples,
                                       a.train_iters * a.global_batch_size, a, self.dp_rank,
@@ -387,12 +412,17 @@ class Trainer:
                 window_losses, window_norms, skipped = [], [], 0
                 window_start, window_excluded, window_iters = time.monotonic(), 0.0, 0
 
-            if self.valid_ds is not None and self.iteration % a.eval_interval == 0:
+            if (self.valid_ds is not None and a.eval_interval
+                    and self.iteration % a.eval_interval == 0):
                 window_excluded += self._validate("valid", self.valid_ds)
             if a.save_interval and self.iteration % a.save_interval == 0:
                 window_excluded += self._save()
-            if a.exit_signal_handler and self._stop_agreed():
-                print0(f"SIGTERM received: saving and stopping at step {self.iteration}")
+            timed = a.exit_duration_in_mins is not None
+            if timed and (time.monotonic() - self.launched) / 60 > a.exit_duration_in_mins:
+                self.stop_requested = True
+            if (a.exit_signal_handler or timed) and self._stop_agreed():
+                why = "SIGTERM received" if self.signalled else "--exit-duration-in-mins reached"
+                print0(f"{why}: saving and stopping at step {self.iteration}")
                 stopped_by_signal = True
                 break
 
@@ -416,18 +446,39 @@ def _eval_tokens(args) -> int:
     return args.eval_iters * args.global_batch_size * args.seq_length
 
 
+def dry_run_report(args, tokenizer) -> str:
+    """--dry-run: the resolved configuration (JSON) and what the model will be, without training.
+    The tokenizer is loaded (its files are checked and the vocabulary sized)."""
+    padded = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                               args.tensor_model_parallel_size)
+    counts = parameter_counts(args.arch, padded)
+    cfg = {**resolved_config(args), "tokenizer_vocab_size": tokenizer.vocab_size,
+           "padded_vocab_size": padded, "parameters": counts}
+    lines = [json.dumps(cfg, indent=2, sort_keys=True),
+             f"dry run: configuration valid; model {_millions(counts['total'])} parameters, "
+             f"{args.recipe.name} recipe, {args.train_iters} steps of "
+             f"{args.global_batch_size} x {args.seq_length} tokens"]
+    lines += args.ignored_flags
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = distributed.LaunchEnv.from_environ()
     try:
         finalize_args(args, env.world_size)
-        problems = preflight.output_problems(args, data_lib.load_tokenizer(args).vocab_size)
+        tokenizer = data_lib.load_tokenizer(args)
+        problems = preflight.output_problems(args, tokenizer.vocab_size)
         if problems:
             raise ConfigError(problems)
     except ConfigError as e:
         if env.rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    if args.dry_run:
+        if env.rank == 0:
+            print(dry_run_report(args, tokenizer))
+        return 0
     device = distributed.device_for(env)
     if args.deterministic_mode:
         # Before CUDA and NCCL start: both read these once.

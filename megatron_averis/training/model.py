@@ -12,11 +12,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_averis.linear.module import reset_stream_ids
 from megatron_averis.megatron.model import build_gpt_model
 from megatron_averis.te.model import build_te_gpt_model, te_config_fields
+from megatron_averis.training.config import ModelConfig
 
 
-def transformer_config(args, device: torch.device) -> TransformerConfig:
-    a = args.arch
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+def transformer_config(cfg: ModelConfig, device: torch.device) -> TransformerConfig:
+    a = cfg.arch
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     on_gpu = device.type == "cuda"
     return TransformerConfig(
         num_layers=a.num_layers,
@@ -32,15 +33,15 @@ def transformer_config(args, device: torch.device) -> TransformerConfig:
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=a.hidden_dropout,
+        attention_dropout=a.attention_dropout,
         init_method_std=a.init_method_std,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        sequence_parallel=args.sequence_parallel,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        sequence_parallel=cfg.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        bf16=args.bf16,
+        bf16=cfg.bf16,
         # Loss = sum over tokens / tokens in the global batch, whatever the micro-batching.
         calculate_per_token_loss=True,
         # Without CUDA, weights are initialised on the CPU from torch's generator.
@@ -54,29 +55,26 @@ def transformer_config(args, device: torch.device) -> TransformerConfig:
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         deallocate_pipeline_outputs=True,
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        **(te_config_fields(args.recipe) if uses_te(args) else {}),
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
+        **(te_config_fields(cfg.recipe) if cfg.uses_te else {}),
     )
 
 
-def uses_te(args) -> bool:
-    return getattr(args, "transformer_impl", "local") == "transformer_engine"
-
-
-def build_model(args, config: TransformerConfig, device: torch.device) -> list[torch.nn.Module]:
+def build_model(cfg: ModelConfig, config: TransformerConfig,
+                device: torch.device) -> list[torch.nn.Module]:
     """This pipeline stage's model chunk (a list, as megatron-core's schedules expect)."""
-    build = build_te_gpt_model if uses_te(args) else build_gpt_model
+    build = build_te_gpt_model if cfg.uses_te else build_gpt_model
     reset_stream_ids()  # SR streams numbered by position in this model (linear.module)
     model = build(
         config,
-        args.recipe,
-        vocab_size=args.padded_vocab_size,
-        max_seq_len=args.arch.max_position_embeddings,
-        qk_layernorm=args.arch.qk_layernorm,
-        rotary_base=args.arch.rotary_base,
-        share_embeddings_and_output_weights=args.arch.tie_embeddings,
+        cfg.recipe,
+        vocab_size=cfg.padded_vocab_size,
+        max_seq_len=cfg.arch.max_position_embeddings,
+        qk_layernorm=cfg.arch.qk_layernorm,
+        rotary_base=cfg.arch.rotary_base,
+        share_embeddings_and_output_weights=cfg.arch.tie_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )

@@ -20,7 +20,7 @@ from megatron_averis.training import cuda_graph
 
 def wrap_data_parallel(args, config, model_chunks):
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=not args.grad_reduce_in_bf16,
         overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
         # The divergence guard (divergence.py) checks the global gradient norm instead: this
@@ -59,29 +59,51 @@ def build_optimizer(args, config, model_chunks):
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer,
         clip_grad=args.clip_grad,
+        decoupled_lr=args.decoupled_lr,
+        decoupled_min_lr=args.decoupled_min_lr,
     )
     optimizer = get_megatron_optimizer(opt_config, model_chunks)
     config.grad_scale_func = optimizer.scale_loss
     return optimizer
 
 
-def build_scheduler(args, optimizer) -> OptimizerParamScheduler:
+def schedule_in_samples(args) -> dict:
+    """Megatron-LM's schedule lengths in samples, from iteration- or sample-based flags:
+    train, decay (default: the training length), warm-up (--lr-warmup-fraction of the decay, else
+    the warm-up flag) and the WSD decay (None without one)."""
     gbs = args.global_batch_size
+    if args.train_samples is not None:
+        train = args.train_samples
+        decay = args.lr_decay_samples if args.lr_decay_samples is not None else train
+        warmup = args.lr_warmup_samples
+        wsd = args.lr_wsd_decay_samples
+    else:
+        train = args.train_iters * gbs
+        decay = (args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters) * gbs
+        warmup = args.lr_warmup_iters * gbs
+        wsd = args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters is not None else None
+    if args.lr_warmup_fraction is not None:
+        warmup = int(args.lr_warmup_fraction * decay)
+    return {"train": train, "decay": decay, "warmup": warmup, "wsd": wsd}
+
+
+def build_scheduler(args, optimizer) -> OptimizerParamScheduler:
+    steps = schedule_in_samples(args)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=args.lr_warmup_init,
         max_lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * gbs,
-        lr_decay_steps=args.lr_decay_iters * gbs,
+        lr_warmup_steps=steps["warmup"],
+        lr_decay_steps=steps["decay"],
         lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters * gbs,
+        wd_incr_steps=steps["train"],
         wd_incr_style="constant",
         # The command line wins over a checkpoint's schedule (megatron-core checks they agree).
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,
-        wsd_decay_steps=(args.lr_wsd_decay_iters * gbs) if args.lr_wsd_decay_iters else None,
+        wsd_decay_steps=steps["wsd"],
         lr_wsd_decay_style=args.lr_wsd_decay_style,
     )

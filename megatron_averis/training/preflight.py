@@ -8,13 +8,14 @@ needs torch.distributed: every rank runs the same checks on the same files.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
 import numpy
 
 from megatron_averis.training import checkpoint_dirs
-from megatron_averis.training.checkpoint_integrity import free_bytes
+from megatron_averis.training.checkpoint_integrity import free_bytes, nearest_existing
 from megatron_averis.training.presets import ModelArch, padded_vocab_size, parameter_counts
 
 # megatron-core's indexed dataset (.idx): magic, version (u64) = 1, dtype code (u8), sequence
@@ -76,19 +77,22 @@ def _same_dir(a: str, b: str | None) -> bool:
 
 
 def load_problems(args) -> list[str]:
-    """--load must hold what it promises: the --ckpt-step asked for, and some checkpoint unless it
-    is the --save directory (resume-or-start) or --allow-fresh-start says a fresh start is meant.
-    A damaged tracker or checkpoint is reported when it is loaded, with the way out."""
+    """--load must hold what it promises: checkpoints in a layout this program reads, the
+    --ckpt-step asked for, and some checkpoint unless it is the --save directory (resume-or-start)
+    or --allow-fresh-start says a fresh start is meant. A damaged tracker or checkpoint is
+    reported when it is loaded, with the newest intact checkpoint (--ckpt-fallback loads it)."""
     if not args.load:
         return []
     try:
         found = checkpoint_dirs.find_checkpoint(args.load, args.ckpt_step)
+    except checkpoint_dirs.TrackerDamaged:
+        return []
+    except checkpoint_dirs.UnrecognisedCheckpoint as e:
+        return [str(e)]
     except FileNotFoundError as e:
         have = [it for it, _ in checkpoint_dirs.committed_checkpoints(args.load)]
         return [f"{e}; complete checkpoints there: "
                 + (", ".join(map(str, have)) if have else "none")]
-    except (ValueError, KeyError):
-        return []
     if found is not None or args.allow_fresh_start or _same_dir(args.load, args.save):
         return []
     what = "does not exist" if not os.path.exists(args.load) else "holds no checkpoint"
@@ -105,16 +109,24 @@ def checkpoint_bytes(arch: ModelArch, padded_vocab: int, bf16: bool) -> int:
     return int(parameter_counts(arch, padded_vocab)["total"] * per_parameter * 1.1)
 
 
-def _write_problem(flag: str, directory: str) -> str | None:
-    """Create `directory` if needed and write and remove a file in it, as the run will."""
+def _write_problem(flag: str, directory: str, write: bool) -> str | None:
+    """Create `directory` if needed and write and remove a file in it, as the run will; without
+    `write` (--dry-run writes nothing) ask the OS whether that would be allowed."""
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
-        try:
-            os.write(fd, b"\0")
-        finally:
-            os.close(fd)
-            os.remove(probe)
+        if write:
+            os.makedirs(directory, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+            try:
+                os.write(fd, b"\0")
+            finally:
+                os.close(fd)
+                os.remove(probe)
+        else:
+            existing = nearest_existing(directory)
+            if not os.path.isdir(existing):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as e:
         return (f"{flag} {directory!r} is not writable ({type(e).__name__}: {e.strerror or e}); "
                 "choose a directory you can write to, or fix its permissions")
@@ -127,7 +139,7 @@ def output_problems(args, vocab_size: int) -> list[str]:
     dirs = {"--save": args.save} if args.save else {}
     if not args.save or not _same_dir(args.log_dir, args.save):
         dirs["--log-dir"] = args.log_dir
-    problems = [p for flag, d in dirs.items() if (p := _write_problem(flag, d))]
+    problems = [p for flag, d in dirs.items() if (p := _write_problem(flag, d, not args.dry_run))]
     if args.save and not problems:
         padded = padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by,
                                    args.tensor_model_parallel_size)

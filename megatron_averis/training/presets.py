@@ -1,9 +1,11 @@
 """Model architectures selectable with --model-preset, and their parameter counts.
 
 Each preset fills the architecture flags (--num-layers, --hidden-size, ...) that the command line
-leaves unset; an explicit flag always wins. The vocabulary is not part of a preset: it comes from
-the tokenizer in use (padded, as Megatron-LM does, to a multiple of
---make-vocab-size-divisible-by x TP).
+leaves unset; an explicit flag always wins. Every preset also sets Megatron-LM's decoder flags
+explicitly (RoPE, RMSNorm, SwiGLU, no biases, grouped-query attention, no dropout:
+megatron_flags.DECODER_FLAGS), whose Megatron-LM defaults describe another model. The
+vocabulary is not part of a preset: it comes from the tokenizer in use (padded, as Megatron-LM
+does, to a multiple of --make-vocab-size-divisible-by x TP).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class ModelArch:
     norm_epsilon: float
     max_position_embeddings: int
     init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)

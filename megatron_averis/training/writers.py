@@ -3,19 +3,24 @@
 Only global rank 0 writes. metrics.jsonl is appended to, so a resumed run continues its file;
 every record has an "event" ("start", "train", "valid", "test", "checkpoint", "end") and the step.
 wandb runs are named from the preset and recipe (project megatron-averis, group = preset,
-name = run name) so that recipes of one model land in one dashboard; the run id is derived from
-the log directory, so a resumed run continues its wandb run. Offline mode needs no network
-(`wandb sync <log-dir>/wandb/wandb/offline-run-*` uploads later: wandb puts its own `wandb/`
-folder inside --wandb-save-dir, which defaults to <log-dir>/wandb).
+name = run name) so that recipes of one model land in one dashboard. The wandb run id is the run
+name plus a launch id drawn when a run starts from scratch and kept in its checkpoints: separate
+launches (e.g. repeated compose launches into one directory) never merge, and a resume continues
+its run. Scalars also go out under Megatron-LM's names ("lm loss", "lm loss validation",
+"learning-rate", "grad-norm", "throughput", ...) so a Megatron-LM baseline overlays ours in one
+dashboard. Offline mode needs no network (`wandb sync <log-dir>/wandb/wandb/offline-run-*` uploads
+later: wandb puts its own `wandb/` folder inside --wandb-save-dir, which defaults to
+<log-dir>/wandb).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
 import os
+import re
+import secrets
 import time
 
 
@@ -86,11 +91,38 @@ def wandb_status(mode: str | None) -> tuple[str, str]:
     return mode, f"wandb: {mode}"
 
 
+def new_launch_id() -> str:
+    """UTC start time and 4 random hex digits: unique per launch, sortable."""
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + secrets.token_hex(2)
+
+
+def wandb_run_id(run_name: str, launch_id: str) -> str:
+    """`<run name>-<launch id>` in wandb's id alphabet (letters, digits, - and _), under 64."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", run_name).strip("-")[:44] or "run"
+    return f"{name}-{launch_id}"
+
+
+# Megatron-LM's names of the values of train and valid records (its training loop's scalars).
+MEGATRON_LM_NAMES = {
+    "train": {"loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm",
+              "tflops_per_gpu": "throughput", "seconds_per_iteration": "iteration-time",
+              "consumed_samples": "samples vs steps"},
+    "valid": {"loss": "lm loss validation", "ppl": "lm loss validation ppl"},
+}
+
+
+def megatron_lm_scalars(event: str, values: dict) -> dict:
+    """The record's values under the names Megatron-LM's training loop logs them."""
+    names = MEGATRON_LM_NAMES.get(event, {})
+    return {names[k]: v for k, v in values.items() if k in names}
+
+
 class RunLogger:
     """Fan-out of one run's records; a no-op on ranks other than 0."""
 
-    def __init__(self, args, config_dict: dict, *, enabled: bool):
+    def __init__(self, args, config_dict: dict, *, enabled: bool, wandb_id: str | None = None):
         self.enabled = enabled
+        self.wandb_id = wandb_id or wandb_run_id(args.run_name, new_launch_id())
         self.tb = None
         self.wandb_run = None
         self.messages: list[str] = []
@@ -108,9 +140,10 @@ class RunLogger:
 
             save_dir = args.wandb_save_dir or os.path.join(args.log_dir, "wandb")
             os.makedirs(save_dir, exist_ok=True)
-            run_id = hashlib.sha1(os.path.abspath(args.log_dir).encode()).hexdigest()[:16]
+            run_id = self.wandb_id
             self.wandb_run = wandb.init(
                 project=args.wandb_project,
+                entity=args.wandb_entity,
                 group=args.wandb_group or (args.model_preset or "custom"),
                 name=args.wandb_exp_name or args.run_name,
                 id=run_id,
@@ -123,10 +156,13 @@ class RunLogger:
                                  f"files under {save_dir}")
 
     def record(self, event: str, step: int, values: dict, *, scalars: dict | None = None) -> None:
-        """Write one record; `scalars` (name -> number) also go to TensorBoard and wandb."""
+        """Write one record; `scalars` (name -> number) also go to TensorBoard and wandb, with
+        Megatron-LM's names for train and valid records."""
         if not self.enabled:
             return
         self.metrics.write({"event": event, "step": step, **values})
+        if scalars is not None:
+            scalars = {**scalars, **megatron_lm_scalars(event, values)}
         for name, value in (scalars or {}).items():
             if value is None:
                 continue

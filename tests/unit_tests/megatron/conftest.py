@@ -1,8 +1,13 @@
 """Fixtures for megatron-core tests in one CPU process."""
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # test_model's helpers
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,7 @@ PP layout (spawned processes import this module by name)."""
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 import zlib
 
 import torch
@@ -34,8 +33,8 @@ def save_worker(rank, tp, pp, out_dir):
 
     parallel_state.initialize_model_parallel(tp, pp)
     try:
-        args = ckpt.model_args(CONFIG)
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+        args = dataclasses.replace(ckpt.model_config(CONFIG), tensor_model_parallel_size=tp,
+                                   pipeline_model_parallel_size=pp)
         torch.manual_seed(0)
         cpu = torch.device("cpu")
         with cpu_training():
@@ -46,10 +45,10 @@ def save_worker(rank, tp, pp, out_dir):
                         seed = zlib.crc32(f"{name}/{parallel_state.get_pipeline_model_parallel_rank()}"
                                           .encode())
                         p.normal_(1.0, 0.2, generator=torch.Generator().manual_seed(seed))
-            dist_checkpointing.save({"model": model.sharded_state_dict(), "config": CONFIG}, out_dir)
-        if rank == 0:
-            with open(os.path.join(out_dir, "train_state.json"), "w") as f:
-                json.dump({"iteration": 7}, f)
+            # What the trainer's checkpoint holds for the tools: the model, the run configuration
+            # and (common state, as in Megatron-LM's layout) the iteration.
+            dist_checkpointing.save({"model": model.sharded_state_dict(), "config": CONFIG,
+                                     "iteration": 7}, out_dir)
         offset = model.decoder.layers[0].layer_number - 1
         return {"offset": offset, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                 "state": {k: v.detach().clone() for k, v in model.state_dict().items()

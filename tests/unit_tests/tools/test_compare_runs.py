@@ -209,3 +209,22 @@ def test_max_step_difference_and_per_step_table():
     assert step == 2 and diff == pytest.approx(0.01)
     table = per_step_table([Run("ref", "t", {"train": base}), Run("tp2", "t", {"train": run})], "ref")
     assert "| tp2 | 1.000% | 2 | 1.0000 / 1.0050 |" in table
+
+
+def test_megatron_lm_tensorboard_run_compares_with_ours(tiny_runs, tmp_path):
+    """A Megatron-LM run's --tensorboard-dir (scalars 'lm loss', 'lm loss validation', as its
+    training loop writes them) loads like one of ours and lines up step by step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    ours = load_run(tiny_runs["bf16"])
+    w = SummaryWriter(str(tmp_path / "megatron-lm"))
+    for s, v in zip(ours.curve("train").steps, ours.curve("train").values):
+        w.add_scalar("lm loss", v * 1.01, int(s))
+        w.add_scalar("learning-rate", 1e-3, int(s))
+    for s, v in zip(ours.curve("valid").steps, ours.curve("valid").values):
+        w.add_scalar("lm loss validation", v * 1.02, int(s))
+    w.close()
+    runs = load_runs([f"ours={tiny_runs['bf16']}", f"megatron-lm={tmp_path / 'megatron-lm'}"])
+    rows = compare.gap_rows(runs, "ours", 100)
+    assert rows[1]["train_gap"] == pytest.approx(0.01, rel=1e-4)
+    assert rows[1]["valid_gap"] == pytest.approx(0.02, rel=1e-4)

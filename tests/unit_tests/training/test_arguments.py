@@ -132,7 +132,8 @@ def test_all_problems_reported_at_once(files):
 
 def test_schedule_and_validation_problems(files):
     assert "--lr-decay-style WSD needs --lr-wsd-decay-iters" in problems(files, "--lr-decay-style", "WSD")
-    assert "--lr-warmup-iters 100 must be >= 0 and below --lr-decay-iters 100" in problems(
+    # 100 iterations x global batch 2 = 200 samples
+    assert "the LR warm-up (200 samples) must be >= 0 and shorter than the decay (200 samples)" in problems(
         files, "--lr-warmup-iters", "100")
     assert "no validation data" in problems(files, "--split", "100,0,0")
     assert finalize(files, "--split", "100,0,0", "--eval-iters", "0").has_valid_data is False
@@ -143,12 +144,15 @@ def test_checkpoint_flags(files, tmp_path):
     save = tmp_path / "ckpt"
     save.mkdir()
     (save / "iter_0000005").mkdir()
-    for name in ("metadata.json", "train_state.json"):
+    for name in ("metadata.json", "common.pt"):
         (save / "iter_0000005" / name).write_text("{}")
-    (save / "latest_checkpoint.json").write_text('{"iteration": 5, "dir": "iter_0000005"}')
+    (save / "latest_checkpointed_iteration.txt").write_text("5\n")
     msg = problems(files, "--save", str(save))
     assert "already holds a checkpoint (iteration 5)" in msg and f"--load {save}" in msg
     finalize(files, "--save", str(save), "--load", str(save))
+    (save / "latest_checkpointed_iteration.txt").unlink()  # checkpoint files but no tracker
+    assert "holds checkpoint files (iter_0000005) but no latest_checkpointed_iteration.txt" in problems(
+        files, "--save", str(save), "--load", str(save))
 
 
 def test_wandb_mode_needs_wandb(files, monkeypatch):

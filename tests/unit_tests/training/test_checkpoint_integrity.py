@@ -23,22 +23,20 @@ def sealed_checkpoint(root, iteration=10, checksum="sha256", world=3):
     entries = {}
     for rank in range(world):
         entries.update(ci.describe_files(tmp, ci.share(files, rank, world), checksum))
-    state = {"iteration": iteration, "consumed_train_samples": 8 * iteration}
-    ci.write_manifest(tmp, entries, checksum, state)
-    return cd.commit(str(root), iteration, state)
+    ci.write_manifest(tmp, entries, checksum)
+    return cd.commit(str(root), iteration)
 
 
-def test_manifest_records_every_file_and_the_train_state(tmp_path):
+def test_manifest_records_every_file_common_state_included(tmp_path):
     path = sealed_checkpoint(tmp_path)
     with open(os.path.join(path, ci.MANIFEST)) as f:
         manifest = json.load(f)
     expected = {}
-    for rel in ("__0_0.distcp", "metadata.json", os.path.join("sub", "part.bin")):
+    for rel in ("__0_0.distcp", "common.pt", "metadata.json", os.path.join("sub", "part.bin")):
         with open(os.path.join(path, rel), "rb") as f:
             data = f.read()
         expected[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    assert manifest["files"] == expected
-    assert manifest["train_state"] == cd.read_train_state(path)
+    assert manifest == {"format": 1, "checksum": "sha256", "files": expected}
     assert ci.check(path) == []
     # Any split over ranks covers every file once.
     assert sorted(f for r in range(4) for f in ci.share(sorted(expected), r, 4)) == sorted(expected)
@@ -56,22 +54,19 @@ def test_truncation_corruption_and_missing_files_are_named(tmp_path):
     os.remove(shard)
     part = os.path.join(path, "sub", "part.bin")
     os.truncate(part, 0)
-    # Two ranks each find their share's problem; rank 0 also checks the train state.
+    # Two ranks each find their share's problem.
     found = ci.check(path, 0, 2) + ci.check(path, 1, 2)
     assert sorted(found) == sorted([f"{shard} is missing",
                                     f"{part} has 0 bytes, the manifest records 2,304 (truncated or "
                                     "overwritten)"])
 
 
-def test_train_state_and_manifest_damage(tmp_path):
+def test_common_state_and_manifest_damage(tmp_path):
     path = sealed_checkpoint(tmp_path)
-    state = os.path.join(path, cd.TRAIN_STATE)
-    with open(state, "w") as f:
-        f.write('{"iteration": 1')
-    assert ci.check(path)[0].startswith(f"{state} cannot be read (JSONDecodeError")
-    with open(state, "w") as f:
-        json.dump({"iteration": 11, "consumed_train_samples": 80}, f)
-    assert ci.check(path) == [f"{state} differs from the train state recorded in the manifest"]
+    common = os.path.join(path, "common.pt")  # the iteration, train state and schedule
+    with open(common, "w") as f:
+        f.write("d")  # one byte changed, same size
+    assert ci.check(path) == [f"{common} does not match its SHA-256 in the manifest (corrupted)"]
     manifest = os.path.join(path, ci.MANIFEST)
     with open(manifest, "w") as f:
         f.write("{")

@@ -84,6 +84,7 @@ def test_guarded_step_updates_exactly_like_megatron_cores_step(files, bf16):  # 
 
     from megatron_averis.diagnostics.checkpoint import single_process
     from megatron_averis.training.arguments import finalize_args, parse_args
+    from megatron_averis.training.config import ModelConfig
     from megatron_averis.training.cpu_compat import cpu_training
     from megatron_averis.training.divergence import guarded_step
     from megatron_averis.training.model import build_model, transformer_config
@@ -99,8 +100,9 @@ def test_guarded_step_updates_exactly_like_megatron_cores_step(files, bf16):  # 
 
     def build():
         seed_everything(args.seed, 0)
-        config = transformer_config(args, cpu)
-        model = wrap_data_parallel(args, config, build_model(args, config, cpu))
+        model_config = ModelConfig.from_args(args)
+        config = transformer_config(model_config, cpu)
+        model = wrap_data_parallel(args, config, build_model(model_config, config, cpu))
         return model, build_optimizer(args, config, model)
 
     def backward(model, optimizer):

@@ -90,16 +90,18 @@ def test_damaged_checkpoint_and_tracker_are_named_and_fallback_resumes_exactly(
     tracker = root / cd.TRACKER
     tracker.write_text('{"iter')
     run = launch(args(corpus, root), nproc=1, log_dir=str(root), returncode=1)
-    assert (f"error: checkpoint {tracker} is damaged: JSONDecodeError: Unterminated string starting "
-            f"at: line 1 column 2 (char 1). The newest intact checkpoint is iteration 6 "
-            f"({root}/iter_0000006): resume it with --ckpt-step 6") in run.stderr
+    assert (f"error: checkpoint {tracker} is damaged: {tracker} holds '{{\"iter', not an iteration "
+            f"number. The newest intact checkpoint is iteration 6 ({root}/iter_0000006): resume it "
+            "with --ckpt-step 6") in run.stderr
 
     # Asked for, the fall-back resumes iteration 6 and reproduces steps 7-8 bit for bit.
     run = launch(args(corpus, root, "--ckpt-fallback"), nproc=1, log_dir=str(root))
     assert f"loading iteration 6 ({root}/iter_0000006) instead (--ckpt-fallback)" in run.stdout
     assert_same_steps(run.by_step("train"), reference.by_step("train"), (7, 8))
-    assert cd.find_latest_checkpoint(str(root)) == (8, f"{root}/iter_0000008.v2")
-    assert integrity.check(f"{root}/iter_0000008.v2") == [] and not leftovers(root)
+    # The new checkpoint of step 8 replaced the damaged one.
+    assert cd.find_latest_checkpoint(str(root)) == (8, f"{root}/iter_0000008")
+    assert integrity.check(f"{root}/iter_0000008") == [] and not leftovers(root)
+    assert not os.path.exists(f"{root}/iter_0000008.superseded")
 
 
 def _file_size_limit(limit: int):
@@ -114,7 +116,7 @@ def test_write_failure_keeps_the_previous_checkpoint_latest(reference, corpus, t
     root = copy_run(reference, tmp_path)
     before = {f: os.path.getsize(root / "iter_0000008" / f) for f in os.listdir(root / "iter_0000008")}
     shard = max(size for name, size in before.items() if name.endswith(".distcp"))
-    # Resume step 6: the save of step 8 (a second version, iter_0000008.v2) fails.
+    # Resume step 6: the save of step 8 (which would replace iter_0000008) fails.
     run = launch(args(corpus, root, "--ckpt-step", "6"), nproc=1, log_dir=str(root), returncode=1,
                  preexec_fn=_file_size_limit(shard // 2))
     need = checkpoint_bytes(PRESETS["tiny"].arch, 1024, bf16=False)
@@ -130,7 +132,7 @@ def test_write_failure_keeps_the_previous_checkpoint_latest(reference, corpus, t
             " Free space (or give another --save) and resume; the partial iter_0000008.tmp was "
             f"removed, and the latest checkpoint is still iteration 8 ({root}/iter_0000008).\n"),
         run.stderr), run.stderr[-3000:]
-    assert not leftovers(root) and not os.path.exists(root / "iter_0000008.v2")
+    assert not leftovers(root) and not os.path.exists(root / "iter_0000008.superseded")
     assert cd.find_latest_checkpoint(str(root)) == (8, f"{root}/iter_0000008")
     assert {f: os.path.getsize(root / "iter_0000008" / f) for f in before} == before
     assert integrity.check(str(root / "iter_0000008")) == []

@@ -12,7 +12,8 @@ GBS = 8
 
 def lr_per_iteration(**flags):
     defaults = dict(global_batch_size=GBS, lr_warmup_init=0.0, weight_decay=0.1,
-                    lr_wsd_decay_iters=None, lr_wsd_decay_style="linear")
+                    lr_wsd_decay_iters=None, lr_wsd_decay_style="linear", train_samples=None,
+                    lr_warmup_fraction=None)
     args = SimpleNamespace(**{**defaults, **flags})
     optimizer = SimpleNamespace(param_groups=[{"params": []}])
     sched = build_scheduler(args, optimizer)

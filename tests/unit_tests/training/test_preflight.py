@@ -109,6 +109,10 @@ def test_missing_ckpt_step_lists_the_checkpoints(files, tmp_path):
     assert problems(files, "--load", str(tmp_path), "--ckpt-step", "15") == (
         f"--load {str(tmp_path)!r} has no complete checkpoint of iteration 15 (--ckpt-step); "
         "complete checkpoints there: 10, 20")
+    # A damaged tracker passes start-up: loading names the newest intact checkpoint (or loads it
+    # under --ckpt-fallback), which needs every rank to verify candidates.
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("garbage")
+    finalize_args(parse_args(argv(files, "--load", str(tmp_path))), 1)
 
 
 def finalized(files, tmp_path, *extra):
@@ -117,20 +121,26 @@ def finalized(files, tmp_path, *extra):
     return args
 
 
-def test_save_must_be_writable(files, tmp_path):
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_save_must_be_writable(files, tmp_path, dry_run):
+    """Checked by writing a file, as the run will; by asking the OS under --dry-run, which writes
+    nothing."""
+    extra = ["--dry-run"] if dry_run else []
     blocker = tmp_path / "file"
     blocker.write_text("")
-    args = finalized(files, tmp_path, "--save", str(blocker / "ckpt"))
+    args = finalized(files, tmp_path, "--save", str(blocker / "ckpt"), *extra)
     assert output_problems(args, 1000) == [
         f"--save {str(blocker / 'ckpt')!r} is not writable (NotADirectoryError: Not a directory); "
         "choose a directory you can write to, or fix its permissions"]
     if os.geteuid() != 0:  # permissions do not stop root
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        args = finalized(files, tmp_path, "--save", str(locked))
+        args = finalized(files, tmp_path, "--save", str(locked / "ckpt"), *extra)
         assert "is not writable (PermissionError" in output_problems(args, 1000)[0]
-    args = finalized(files, tmp_path, "--save", str(tmp_path / "ok"))
-    assert output_problems(args, 1000) == [] and os.listdir(tmp_path / "ok") == []
+    args = finalized(files, tmp_path, "--save", str(tmp_path / "ok" / "ckpt"), *extra)
+    assert output_problems(args, 1000) == []
+    assert (not (tmp_path / "ok").exists() if dry_run
+            else os.listdir(tmp_path / "ok" / "ckpt") == [])
 
 
 def test_save_needs_room_for_one_checkpoint(files, tmp_path, monkeypatch):

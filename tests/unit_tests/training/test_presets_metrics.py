@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -80,7 +81,8 @@ def test_wandb_absent_message(monkeypatch):
 def _logger(tmp_path, mode):
     args = SimpleNamespace(log_dir=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"), wandb_mode=mode,
                            wandb_project="megatron-averis", wandb_group=None, wandb_exp_name=None,
-                           wandb_save_dir=None, model_preset="tiny", run_name="tiny-averis")
+                           wandb_save_dir=None, model_preset="tiny", run_name="tiny-averis",
+                           wandb_entity=None)
     return writers.RunLogger(args, {"seed": 1}, enabled=True)
 
 
@@ -151,3 +153,52 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     assert len(runs) == 1 and runs[0].endswith(run_id)
     data = [f for f in os.listdir(tmp_path / "wandb" / "wandb" / runs[0]) if f.endswith(".wandb")]
     assert data and os.path.getsize(tmp_path / "wandb" / "wandb" / runs[0] / data[0]) > 0
+
+
+def test_wandb_run_ids_per_launch_and_megatron_lm_names(tmp_path, monkeypatch):
+    """wandb.init gets the run id, entity and project; scalars go out under our and Megatron-LM's
+    names. The wandb module here is a local stand-in recording the calls."""
+    calls = {"init": [], "log": []}
+
+    class FakeRun:
+        def log(self, values, step):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            pass
+
+    def init(**kw):
+        calls["init"].append(kw)
+        return FakeRun()
+
+    import importlib.util
+    import sys
+    import types
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: object() if n == "wandb" else real(n, *a))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    args = SimpleNamespace(log_dir=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"),
+                           wandb_mode="offline", wandb_project="p", wandb_group=None,
+                           wandb_exp_name=None, wandb_save_dir=None, model_preset="tiny",
+                           run_name="tiny averis/1", wandb_entity="team")
+    ids = set()
+    for _ in range(2):  # two launches into the same directory: two runs
+        log = writers.RunLogger(args, {}, enabled=True)
+        ids.add(log.wandb_id)
+        log.close()
+    assert len(ids) == 2 and all(re.fullmatch(r"tiny-averis-1-\d{14}[0-9a-f]{4}", i) for i in ids)
+    resumed = writers.RunLogger(args, {}, enabled=True, wandb_id="tiny-averis-1-x")
+    m = {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tflops_per_gpu": 7.0,
+         "seconds_per_iteration": 0.2, "consumed_samples": 16}
+    resumed.record("train", 3, m, scalars={"train/loss": 2.5})
+    resumed.record("valid", 3, {"loss": 2.7, "ppl": 14.9}, scalars={"valid/loss": 2.7})
+    resumed.close()
+    assert [c["id"] for c in calls["init"]][2] == "tiny-averis-1-x"
+    assert {c["id"] for c in calls["init"]} == ids | {"tiny-averis-1-x"}
+    assert all(c["entity"] == "team" and c["resume"] == "allow" for c in calls["init"])
+    (_, train), (_, valid) = calls["log"]
+    assert train == {"train/loss": 2.5, "lm loss": 2.5, "learning-rate": 1e-3, "grad-norm": 0.5,
+                     "throughput": 7.0, "iteration-time": 0.2, "samples vs steps": 16}
+    assert valid == {"valid/loss": 2.7, "lm loss validation": 2.7, "lm loss validation ppl": 14.9}

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 ITERS = 4
 COMMON = ["--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
           "--global-batch-size", "8", "--train-iters", str(ITERS), "--lr", "2e-3",
-          "--lr-warmup-iters", "1", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1",
+          "--lr-warmup-iters", "1", "--lr-decay-style", "cosine", "--eval-interval", "2",
+          "--eval-iters", "1", "--log-interval", "1",
           "--seed", "7", "--wandb-mode", "disabled"]
 # Every float a resumed run must reproduce bit for bit.
 EXACT = ("loss", "grad_norm", "lr")
@@ -66,10 +67,15 @@ def test_run_logs_progress_metrics_config_and_tensorboard(reference_run, corpus)
     tb = os.path.join(run.log_dir, "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
 
-    with open(os.path.join(run.log_dir, "latest_checkpoint.json")) as f:
-        assert json.load(f) == {"iteration": 4, "dir": "iter_0000004"}
-    with open(os.path.join(run.log_dir, "iter_0000002", "train_state.json")) as f:
-        assert json.load(f)["consumed_train_samples"] == 16
+    # Megatron-LM's layout: its tracker, and its common state (iteration, args, schedule).
+    with open(os.path.join(run.log_dir, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "4"
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(os.path.join(run.log_dir, "iter_0000002"))
+    assert (common["iteration"], common["checkpoint_version"]) == (2, 3.0)
+    assert (common["args"].consumed_train_samples, common["args"].num_layers) == (16, 2)
+    assert common["opt_param_scheduler"]["num_steps"] == 16  # samples, as Megatron-LM counts
     assert [r["step"] for r in run.records("checkpoint")] == [2, 4]
 
 
@@ -140,3 +146,16 @@ def test_distributed_optimizer_run_resumes(corpus, tmp_path, variant, nproc):
     assert sorted(got) == list(range(3, ITERS + 1))
     for step in got:
         assert {k: got[step][k] for k in EXACT} == {k: ref[step][k] for k in EXACT}, step
+
+
+def test_mock_data_and_exit_duration(tmp_path):
+    """Megatron-LM's --mock-data with its NullTokenizer, and --exit-duration-in-mins: the first
+    step already runs past the limit, so the run saves and stops there."""
+    out = str(tmp_path / "mock")
+    run = launch(COMMON + ["--mock-data", "--vocab-size", "1000", "--train-iters", "50",
+                           "--save", out, "--exit-duration-in-mins", "1e-6"], nproc=1, log_dir=out)
+    assert "vocabulary 1001 from NullTokenizer" in run.stdout  # N ids + end of document
+    assert "--exit-duration-in-mins reached: saving and stopping at step 1" in run.stdout
+    assert sorted(run.by_step("train")) == [1]
+    with open(os.path.join(out, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "1"

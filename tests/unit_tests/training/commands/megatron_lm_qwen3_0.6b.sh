@@ -1,0 +1,70 @@
+# A Megatron-LM core_v0.16.1 pretraining command for Qwen3-0.6B, as its example scripts write it
+# (model flags from examples/post_training/modelopt/conf/Qwen/Qwen3-0.6B.sh, training, data and
+# logging flags from examples/llama/train_llama3_8b_h100_fp8.sh with its mock-data branch), with
+# one flag added: --fp4-recipe averis. test_megatron_command.py runs it with --dry-run;
+# $CHECKPOINT_PATH and $TENSORBOARD_LOGS_PATH are filled in by the test. One flag per line.
+--use-mcore-models
+--num-layers 28
+--hidden-size 1024
+--ffn-hidden-size 3072
+--num-attention-heads 16
+--group-query-attention
+--num-query-groups 8
+--kv-channels 128
+--qk-layernorm
+--seq-length 4096
+--max-position-embeddings 40960
+--position-embedding-type rope
+--rotary-base 1000000
+--rotary-percent 1.0
+--normalization RMSNorm
+--swiglu
+--disable-bias-linear
+--attention-dropout 0.0
+--hidden-dropout 0.0
+--init-method-std 0.02
+--attention-backend auto
+--use-flash-attn
+--no-masked-softmax-fusion
+--no-rope-fusion
+--no-bias-swiglu-fusion
+--make-vocab-size-divisible-by 1187
+--micro-batch-size 1
+--global-batch-size 128
+--train-samples 2560000
+--lr-warmup-fraction 0.01
+--lr 3.0e-4
+--min-lr 3.0e-5
+--lr-decay-style cosine
+--clip-grad 1.0
+--weight-decay 0.1
+--adam-beta1 0.9
+--adam-beta2 0.95
+--bf16
+--fp4-format e2m1
+--fp4-recipe averis
+--cross-entropy-loss-fusion
+--calculate-per-token-loss
+--recompute-activations
+--tensor-model-parallel-size 1
+--context-parallel-size 1
+--pipeline-model-parallel-size 1
+--use-distributed-optimizer
+--overlap-grad-reduce
+--overlap-param-gather
+--mock-data
+--tokenizer-type NullTokenizer
+--vocab-size 151643
+--split 99,1,0
+--no-create-attention-mask-in-dataloader
+--num-workers 1
+--log-interval 1
+--eval-iters 32
+--eval-interval 100
+--save-interval 1000
+--log-throughput
+--ckpt-format torch_dist
+--distributed-timeout-minutes 60
+--save $CHECKPOINT_PATH
+--load $CHECKPOINT_PATH
+--tensorboard-dir $TENSORBOARD_LOGS_PATH
