@@ -63,8 +63,8 @@ class Job:
         return last
 
     def finished(self) -> bool:
-        rec = self.last_record()
-        return rec is not None and rec.get("event") == "end"
+        rec = self.last_record()  # a run stopped by a signal also ends its log, flagged
+        return rec is not None and rec.get("event") == "end" and not rec.get("stopped_by_signal")
 
 
 def plan(models: str | list[str], recipes: list[str], seeds: list[int], out_dir: str) -> list[Job]:
@@ -85,8 +85,14 @@ def _start(job: Job, gpu: int, port: int, extra: list[str]) -> None:
 
 
 def _stop(job: Job, sig: int) -> None:
+    """SIGTERM goes to the launcher alone (torchrun passes it to the ranks, whose exit-signal
+    handler saves a checkpoint): sent to the whole group it would also kill the ranks' data-loader
+    workers, and the ranks die of that before they can save. SIGKILL goes to the group."""
     try:
-        os.killpg(job.proc.pid, sig)
+        if sig == signal.SIGKILL:
+            os.killpg(job.proc.pid, sig)
+        else:
+            job.proc.send_signal(sig)
     except ProcessLookupError:
         pass
 
@@ -199,9 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     su = sub.add_parser("summarize", help="loss per recipe over seeds and paired comparisons")
     su.add_argument("runs", nargs="+", help="run directories, or a directory of run directories")
     su.add_argument("--baseline", default="bf16")
+    su.add_argument("--model", default=None,
+                    help="only the runs of this model preset (a study directory may hold several)")
     su.add_argument("--pairs", nargs="*", type=_pair, default=[],
                     help="RECIPE_A:RECIPE_B paired by seed, e.g. averis:nvfp4-nohadamard")
     su.add_argument("--last-percent", type=float, default=10.0)
+    su.add_argument("--until-step", type=int, default=None,
+                    help="compare at this step (runs cut short by a deadline): losses up to it")
     su.add_argument("--out", default=None, help="write OUT.md (the tables) and OUT.png (curves)")
     return p
 
@@ -253,7 +263,11 @@ def main(argv=None) -> int:
     from megatron_averis.diagnostics.seeds import summary_markdown
 
     runs = [load_run(d) for d in _run_dirs(a.runs)]
-    text = summary_markdown(runs, a.baseline, a.pairs, a.last_percent)
+    if a.model:
+        runs = [r for r in runs if r.info.get("model_preset") == a.model]
+        if not runs:
+            raise SystemExit(f"no runs of model {a.model!r} under {a.runs}")
+    text = summary_markdown(runs, a.baseline, a.pairs, a.last_percent, a.until_step)
     print(text)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
