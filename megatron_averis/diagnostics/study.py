@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("analyses", nargs="+", metavar="MODEL=CSV")
     pm.add_argument("--out", default=None, help="also write the table as JSON")
     su = sub.add_parser("summarize", help="loss per recipe over seeds and paired comparisons")
-    su.add_argument("runs", nargs="+", help="run directories, or a directory of run directories")
+    su.add_argument("runs", nargs="+",
+                    help="run directories or metrics.jsonl files, or a directory of run directories")
     su.add_argument("--baseline", default="bf16")
     su.add_argument("--model", default=None,
                     help="only the runs of this model preset (a study directory may hold several)")
@@ -221,8 +222,8 @@ def _run_dirs(paths: list[str]) -> list[str]:
     for path in paths:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path!r} does not exist; give run directories or their parent")
-        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
-            dirs.append(path)
+        if os.path.isfile(path) or os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            dirs.append(path)  # a metrics.jsonl file, or a run directory
         else:
             dirs += sorted(os.path.join(path, d) for d in os.listdir(path)
                            if os.path.isfile(os.path.join(path, d, "metrics.jsonl")))
