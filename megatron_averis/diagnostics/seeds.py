@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_averis.diagnostics.compare import _fmt, window_mean
-from megatron_averis.diagnostics.runs import SPLITS, Run
+from megatron_averis.diagnostics.runs import SPLITS, Curve, Run
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -102,9 +102,16 @@ def run_key(run: Run) -> tuple[str, int]:
     return recipe, int(seed)
 
 
-def final_loss(run: Run, split: str, last_percent: float) -> float:
-    """Train: the mean over the last `last_percent`% of steps; valid: the last validation."""
+def final_loss(run: Run, split: str, last_percent: float, until: int | None = None) -> float:
+    """Train: the mean over the last `last_percent`% of steps; valid: the last validation. With
+    `until`, of the steps up to it (NaN when the run stopped before it): runs cut short can
+    then be compared at a step they all reached."""
     curve = run.curve(split)
+    if until is not None:
+        if len(run.curve("train")) == 0 or run.curve("train").steps[-1] < until:
+            return math.nan
+        keep = curve.steps <= until
+        curve = Curve(curve.steps[keep], curve.values[keep])
     if len(curve) == 0:
         return math.nan
     if split == "valid":
@@ -112,13 +119,14 @@ def final_loss(run: Run, split: str, last_percent: float) -> float:
     return window_mean(curve, int(curve.steps[-1]), last_percent)
 
 
-def by_recipe_and_seed(runs: list[Run], split: str, last_percent: float) -> dict[str, dict[int, float]]:
+def by_recipe_and_seed(runs: list[Run], split: str, last_percent: float,
+                       until: int | None = None) -> dict[str, dict[int, float]]:
     table: dict[str, dict[int, float]] = {}
     for run in runs:
         recipe, seed = run_key(run)
         if seed in table.setdefault(recipe, {}):
             raise ValueError(f"two runs of recipe {recipe!r} with seed {seed}; give each once")
-        table[recipe][seed] = final_loss(run, split, last_percent)
+        table[recipe][seed] = final_loss(run, split, last_percent, until)
     return table
 
 
@@ -133,19 +141,20 @@ def paired(table: dict[str, dict[int, float]], a: str, b: str, split: str) -> Pa
 
 
 def summary_markdown(runs: list[Run], baseline: str, pairs: list[tuple[str, str]],
-                     last_percent: float) -> str:
+                     last_percent: float, until: int | None = None) -> str:
     """Per recipe: loss and gap to the baseline as mean ± std (min–max) over seeds; then the paired
     comparisons."""
     out = []
-    tables = {split: by_recipe_and_seed(runs, split, last_percent) for split in SPLITS}
+    tables = {split: by_recipe_and_seed(runs, split, last_percent, until) for split in SPLITS}
     recipes = sorted(tables["train"], key=lambda r: (r != baseline, r))
-    out.append(f"Loss: train = mean of the last {last_percent:g}% of steps, valid = last "
+    upto = "" if until is None else f" up to step {until} (runs that stopped earlier: –)"
+    out.append(f"Loss{upto}: train = mean of the last {last_percent:g}% of steps, valid = last "
                "validation. Gap: relative to the same seed's baseline run "
                f"(`{baseline}`), in %. Mean ± sample std over seeds [min, max].\n")
     out.append("| recipe | seeds | train loss | train gap % | valid loss | valid gap % |")
     out.append("|---|---|---|---|---|---|")
     for recipe in recipes:
-        cells = [recipe, str(len(tables["train"][recipe]))]
+        cells = [recipe, str(sum(math.isfinite(v) for v in tables["train"][recipe].values()))]
         for split in SPLITS:
             vals = np.array([v for v in tables[split].get(recipe, {}).values() if math.isfinite(v)])
             cells.append(_mean_std(vals, ".4f"))

@@ -59,8 +59,8 @@ class Job:
         return records[-1] if records else None
 
     def finished(self) -> bool:
-        rec = self.last_record()
-        return rec is not None and rec.get("event") == "end"
+        rec = self.last_record()  # a run stopped by a signal also ends its log, flagged
+        return rec is not None and rec.get("event") == "end" and not rec.get("stopped_by_signal")
 
 
 def plan(models: str | list[str], recipes: list[str], seeds: list[int], out_dir: str) -> list[Job]:
@@ -81,8 +81,14 @@ def _start(job: Job, gpu: int, port: int, extra: list[str]) -> None:
 
 
 def _stop(job: Job, sig: int) -> None:
+    """SIGTERM goes to the launcher alone (torchrun passes it to the ranks, whose exit-signal
+    handler saves a checkpoint): sent to the whole group it would also kill the ranks' data-loader
+    workers, and the ranks die of that before they can save. SIGKILL goes to the group."""
     try:
-        os.killpg(job.proc.pid, sig)
+        if sig == signal.SIGKILL:
+            os.killpg(job.proc.pid, sig)
+        else:
+            job.proc.send_signal(sig)
     except ProcessLookupError:
         pass
 
@@ -193,11 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("analyses", nargs="+", metavar="MODEL=CSV")
     pm.add_argument("--out", default=None, help="also write the table as JSON")
     su = sub.add_parser("summarize", help="loss per recipe over seeds and paired comparisons")
-    su.add_argument("runs", nargs="+", help="run directories, or a directory of run directories")
+    su.add_argument("runs", nargs="+",
+                    help="run directories or metrics.jsonl files, or a directory of run directories")
     su.add_argument("--baseline", default="bf16")
+    su.add_argument("--model", default=None,
+                    help="only the runs of this model preset (a study directory may hold several)")
     su.add_argument("--pairs", nargs="*", type=_pair, default=[],
                     help="RECIPE_A:RECIPE_B paired by seed, e.g. averis:nvfp4-nohadamard")
     su.add_argument("--last-percent", type=float, default=10.0)
+    su.add_argument("--until-step", type=int, default=None,
+                    help="compare at this step (runs cut short by a deadline): losses up to it")
     su.add_argument("--out", default=None, help="write OUT.md (the tables) and OUT.png (curves)")
     return p
 
@@ -207,8 +218,8 @@ def _run_dirs(paths: list[str]) -> list[str]:
     for path in paths:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path!r} does not exist; give run directories or their parent")
-        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
-            dirs.append(path)
+        if os.path.isfile(path) or os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            dirs.append(path)  # a metrics.jsonl file, or a run directory
         else:
             dirs += sorted(os.path.join(path, d) for d in os.listdir(path)
                            if os.path.isfile(os.path.join(path, d, "metrics.jsonl")))
@@ -249,7 +260,11 @@ def main(argv=None) -> int:
     from megatron_averis.diagnostics.seeds import summary_markdown
 
     runs = [load_run(d) for d in _run_dirs(a.runs)]
-    text = summary_markdown(runs, a.baseline, a.pairs, a.last_percent)
+    if a.model:
+        runs = [r for r in runs if r.info.get("model_preset") == a.model]
+        if not runs:
+            raise SystemExit(f"no runs of model {a.model!r} under {a.runs}")
+    text = summary_markdown(runs, a.baseline, a.pairs, a.last_percent, a.until_step)
     print(text)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

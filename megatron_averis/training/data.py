@@ -10,6 +10,8 @@ time, so successive validation losses are comparable.
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -121,10 +123,18 @@ class MicroBatchSampler:
         return max(0, (self.end - self.start) // (self.micro * self.size))
 
 
+def _ignore_sigterm(_worker_id: int) -> None:
+    """Data-loader workers outlive a SIGTERM sent to their process group (torchrun forwards one
+    to each rank's group): the rank must stay fed until its exit-signal handler has saved a
+    checkpoint, and a worker killed first makes the rank raise instead. Workers still exit
+    with their rank."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, start: int, end: int, args, dp_rank: int, dp_size: int,
                 pin_memory: bool, persistent: bool):
     sampler = MicroBatchSampler(start, min(end, len(dataset)), args.micro_batch_size, dp_rank, dp_size)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=pin_memory,
-        persistent_workers=persistent and args.num_workers > 0,
+        persistent_workers=persistent and args.num_workers > 0, worker_init_fn=_ignore_sigterm,
     )

@@ -128,3 +128,47 @@ def test_pick_model_takes_the_largest_median_input_ratio(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "b"  # medians 0.2 vs 0.35
     picked = json.loads((tmp_path / "pick.json").read_text())
     assert picked["models"]["a"]["input_median"] == pytest.approx(0.2)
+
+
+def test_until_step_compares_runs_cut_short_at_a_common_step():
+    full = _run("bf16", 1, list(np.linspace(5, 3, 20)), 2.5)
+    short = Run("averis-1", "t", {"train": Curve(np.arange(1, 13), np.linspace(6, 4, 12)),
+                                  "valid": Curve(np.array([10]), np.array([4.2]))},
+                {"recipe": "averis", "seed": 1})
+    table = by_recipe_and_seed([full, short], "train", 10, until=10)
+    # the last 10% of steps 1-10 is the window [9, 10] (window_mean's closed interval)
+    assert table["bf16"][1] == pytest.approx(np.linspace(5, 3, 20)[8:10].mean())
+    assert table["averis"][1] == pytest.approx(np.linspace(6, 4, 12)[8:10].mean())
+    assert math.isnan(by_recipe_and_seed([short], "train", 10, until=15)["averis"][1])
+    valid = by_recipe_and_seed([full, short], "valid", 10, until=12)
+    assert math.isnan(valid["bf16"][1]) and valid["averis"][1] == 4.2  # bf16 validated at 20 only
+
+
+@pytest.mark.slow
+def test_deadline_saves_a_checkpoint_that_the_next_launch_resumes(tmp_path, monkeypatch):
+    """At the deadline the runs get SIGTERM and save (their data-loader workers must survive
+    that long), and a second launch continues from the checkpoint."""
+    from megatron_averis.data.embedded import prepare_embedded_corpus
+    from megatron_averis.diagnostics import study
+    from megatron_averis.training.checkpoint_dirs import find_latest_checkpoint
+
+    corpus = prepare_embedded_corpus(str(tmp_path / "corpus"), vocab_size=1024)
+    for key, value in (("DIST_OPT", "0"), ("TRAIN_ITERS", "100000"), ("EVAL_ITERS", "1"),
+                       ("EVAL_INTERVAL", "100000"), ("LOG_INTERVAL", "1"), ("SAVE_INTERVAL", "100000")):
+        monkeypatch.setenv(key, value)
+    extra = ["--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+             "--tokenizer-model", corpus["tokenizer_model"], "--train-data-path", corpus["train_prefix"],
+             "--valid-data-path", corpus["valid_prefix"], "--num-workers", "1", "--wandb-mode", "disabled"]
+    out = str(tmp_path / "study")
+    job = study.plan("tiny", ["bf16"], [1], out)[0]
+    report = study.launch([job], [0], 1, extra, deadline_s=25, poll_s=0.5, out=lambda *_: None)
+    assert report["stopped"] == [job.name]
+    found = find_latest_checkpoint(job.run_dir)
+    assert found is not None and found[0] > 0, open(os.path.join(out, f"{job.name}.log")).read()[-3000:]
+    monkeypatch.setenv("TRAIN_ITERS", str(found[0] + 2))
+    again = study.launch(study.plan("tiny", ["bf16"], [1], out), [0], 1, extra, deadline_s=300,
+                         poll_s=0.5, out=lambda *_: None)
+    assert again["finished"] == [job.name], (again, open(os.path.join(out, f"{job.name}.log")).read()[-2500:])
+    with open(os.path.join(job.run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        starts = [r for r in map(json.loads, f) if r["event"] == "start"]
+    assert starts[-1]["step"] == found[0]
