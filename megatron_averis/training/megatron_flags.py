@@ -280,6 +280,11 @@ def _actions() -> list:
     return _ACTIONS
 
 
+def dests() -> frozenset[str]:
+    """The namespace attributes of these flags."""
+    return frozenset(a.dest for a in _actions())
+
+
 def _parser_defaults() -> dict:
     return {a.dest: a.default for a in _actions()}
 
