@@ -74,13 +74,14 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron_averis.recipes import PRESETS as RECIPE_PRESETS  # noqa: E402
 from megatron_averis.training import distributed  # noqa: E402
 from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args  # noqa: E402
+from megatron_averis.training.config import TrainingConfig  # noqa: E402
 from megatron_averis.training.cpu_compat import cpu_training  # noqa: E402
 from megatron_averis.training.cuda_graph import side_stream  # noqa: E402
 from megatron_averis.training.divergence import DivergenceGuard  # noqa: E402
 from megatron_averis.training.loop import Trainer  # noqa: E402
 from megatron_averis.training.metrics import interval_stats, memory_gib, peak_tflops  # noqa: E402
 from megatron_averis.training.presets import PRESETS as MODEL_PRESETS  # noqa: E402
-from megatron_averis.training.presets import (padded_vocab_size, parameter_counts,  # noqa: E402
+from megatron_averis.training.presets import (parameter_counts,  # noqa: E402
                                               training_flops_per_iteration)
 from megatron_averis.training.rng_state import seed_everything  # noqa: E402
 
@@ -144,16 +145,16 @@ class _StepBench(Trainer):
     none of which a step needs. What it does before building is repeated here (parallel-state
     queries, seeding); the build itself is Trainer._build_model_and_optimizer."""
 
-    def __init__(self, args, device: torch.device):
-        self.args, self.device = args, device
+    def __init__(self, cfg: TrainingConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
         self.world = torch.distributed.get_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        seed_everything(args.seed, parallel_state.get_pipeline_model_parallel_rank())
+        seed_everything(cfg.execution.seed, parallel_state.get_pipeline_model_parallel_rank())
         self.iteration = 0
         self._build_model_and_optimizer()
         self._build_schedules()
-        self.guard = DivergenceGuard(args)
+        self.guard = DivergenceGuard(cfg.fault_tolerance)
         self.activation_bytes: list[int] | None = None  # a list while measuring
 
     def _forward_step(self, data_iterator, model):
@@ -208,26 +209,23 @@ def trainer_flags(model: str, recipe: str, opts, tokenizer: str, data_prefix: st
     return flags + shlex.split(opts.trainer_args)  # last: they override the above
 
 
-def trainer_args(model: str, recipe: str, opts, tokenizer: str, data_prefix: str,
-                 mode: str = "eager"):
-    """The trainer's validated namespace, with the vocabulary sizes the Trainer would set from its
-    tokenizer."""
+def trainer_config(model: str, recipe: str, opts, tokenizer: str, data_prefix: str,
+                   mode: str = "eager") -> TrainingConfig:
+    """The trainer's validated configuration, with the vocabulary of --vocab-size (the
+    benchmark's random token ids) in place of the tokenizer's."""
     args = finalize_args(parse_args(trainer_flags(model, recipe, opts, tokenizer, data_prefix, mode)),
                          1)
-    args.tokenizer_vocab_size = opts.vocab_size
-    args.padded_vocab_size = padded_vocab_size(opts.vocab_size, args.make_vocab_size_divisible_by,
-                                               args.tensor_model_parallel_size)
-    return args
+    return TrainingConfig.from_args(args, opts.vocab_size)
 
 
-def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch: dict,
+def run_recipe(model: str, recipe: str, cfg: TrainingConfig, opts, device: torch.device, batch: dict,
                peak: float | None, mode: str = "eager") -> tuple[dict, weakref.ref]:
     """Build, warm up, time; the record and a weak reference to the model (to check it is freed)."""
     on_gpu = device.type == "cuda"
     start = time.monotonic()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
-    bench = _StepBench(args, device)
+    bench = _StepBench(cfg, device)
     model_ref = weakref.ref(bench.model[0])
     data = itertools.repeat(batch)  # Trainer._forward_step takes next() per micro-batch
     measure_at = 0 if mode == "graph" else max(opts.warmup_steps - 1, 0)
@@ -249,12 +247,12 @@ def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch:
     gpu_time = (profile_step(bench, data, device)
                 if on_gpu and mode == "eager" and recipe in opts.profile else None)
     median = statistics.median(times)
-    tokens = args.global_batch_size * args.seq_length
-    flops = training_flops_per_iteration(args.arch, args.padded_vocab_size, args.seq_length,
-                                         args.global_batch_size)
+    tokens = cfg.batch.global_batch_size * cfg.batch.seq_length
+    flops = training_flops_per_iteration(cfg.model.arch, cfg.model.padded_vocab_size,
+                                         cfg.batch.seq_length, cfg.batch.global_batch_size)
     stats = interval_stats(iterations=1, seconds=median, tokens_per_iteration=tokens,
                            flops_per_iteration=flops, world_size=1, peak=peak)
-    record = _record(model, recipe, args, opts, device, mode) | {
+    record = _record(model, recipe, cfg, opts, device, mode) | {
         "step_ms": 1e3 * median,
         "step_ms_min": 1e3 * min(times),
         "step_ms_max": 1e3 * max(times),
@@ -272,18 +270,20 @@ def run_recipe(model: str, recipe: str, args, opts, device: torch.device, batch:
     return record, model_ref
 
 
-def _record(model: str, recipe: str, args, opts, device: torch.device, mode: str) -> dict:
+def _record(model: str, recipe: str, cfg: TrainingConfig, opts, device: torch.device,
+            mode: str) -> dict:
+    batch, arch, padded = cfg.batch, cfg.model.arch, cfg.model.padded_vocab_size
     """The fields every record has, also a failed one."""
     return {
         "model": model, "recipe": recipe, "mode": mode,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size,
-        "num_microbatches": args.num_microbatches, "seq_length": args.seq_length,
-        "vocab_size": args.tokenizer_vocab_size, "padded_vocab_size": args.padded_vocab_size,
-        "tokens_per_step": args.global_batch_size * args.seq_length,
-        "flops_per_step": training_flops_per_iteration(args.arch, args.padded_vocab_size,
-                                                       args.seq_length, args.global_batch_size),
-        "parameters": parameter_counts(args.arch, args.padded_vocab_size)["total"],
+        "micro_batch_size": batch.micro_batch_size, "global_batch_size": batch.global_batch_size,
+        "num_microbatches": batch.num_microbatches, "seq_length": batch.seq_length,
+        "vocab_size": cfg.data.tokenizer_vocab_size, "padded_vocab_size": padded,
+        "tokens_per_step": batch.global_batch_size * batch.seq_length,
+        "flops_per_step": training_flops_per_iteration(arch, padded, batch.seq_length,
+                                                       batch.global_batch_size),
+        "parameters": parameter_counts(arch, padded)["total"],
         "warmup_steps": opts.warmup_steps, "timed_steps": opts.steps,
         "peak_tflops": opts.peak_tflops, "trainer_args": opts.trainer_args,
         "step_ms": None, "step_ms_min": None, "step_ms_max": None, "ratio_to_bf16": None,
@@ -473,17 +473,17 @@ def _versions() -> str:
     return f"torch {torch.__version__}, triton {triton_version}"
 
 
-def _run_logged(model: str, recipe: str, mode: str, args, opts, device: torch.device, batch: dict,
-                peak: float | None) -> dict:
+def _run_logged(model: str, recipe: str, mode: str, cfg: TrainingConfig, opts,
+                device: torch.device, batch: dict, peak: float | None) -> dict:
     """run_recipe, logged; a failure (e.g. out of memory) becomes a record with its error."""
     _log(f"{model} {recipe} {mode}: building and running {opts.warmup_steps} + {opts.steps} steps")
     model_ref = None
     try:
         with side_stream(mode == "graph", device):  # where the trainer runs a graphed model
-            record, model_ref = run_recipe(model, recipe, args, opts, device, batch, peak, mode)
+            record, model_ref = run_recipe(model, recipe, cfg, opts, device, batch, peak, mode)
     except Exception as e:  # report it, go on with the rest
         traceback.print_exc()
-        record = _record(model, recipe, args, opts, device, mode)
+        record = _record(model, recipe, cfg, opts, device, mode)
         record["error"] = f"{type(e).__name__}: {e}"
         _log(f"{model} {recipe} {mode}: FAILED ({type(e).__name__})")
     _free(device)
@@ -532,20 +532,21 @@ def main(argv=None) -> int:
         tokenizer, data_prefix = _unread_data_files(tmp)
         # Every configuration through the trainer's validation before any device time is spent.
         try:
-            all_args = {(m, r, mode): trainer_args(m, r, opts, tokenizer, data_prefix, mode)
+            configs = {(m, r, mode): trainer_config(m, r, opts, tokenizer, data_prefix, mode)
                         for m in opts.models for mode in opts.modes for r in opts.recipes}
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
 
-    first = next(iter(all_args.values()))
+    first = next(iter(configs.values()))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (PyTorch reference numerics)"
     _out(f"# Training step per recipe: {name}, {_versions()}")
     _out()
-    _out(f"micro-batch {first.micro_batch_size} x seq {first.seq_length}, global batch "
-         f"{first.global_batch_size} ({first.num_microbatches} micro-batch(es) per step), "
-         f"{first.global_batch_size * first.seq_length:,} tokens per step; vocabulary "
-         f"{opts.vocab_size} (padded {first.padded_vocab_size}), random token ids; "
+    fb = first.batch
+    _out(f"micro-batch {fb.micro_batch_size} x seq {fb.seq_length}, global batch "
+         f"{fb.global_batch_size} ({fb.num_microbatches} micro-batch(es) per step), "
+         f"{fb.global_batch_size * fb.seq_length:,} tokens per step; vocabulary "
+         f"{opts.vocab_size} (padded {first.model.padded_vocab_size}), random token ids; "
          f"{opts.warmup_steps} warm-up + {opts.steps} timed steps, median; MFU against {peak_text}"
          + (f"; trainer flags {opts.trainer_args!r}" if opts.trainer_args else ""))
     _out()
@@ -559,7 +560,7 @@ def main(argv=None) -> int:
             for model in opts.models:
                 model_records = []
                 for mode in opts.modes:
-                    mode_records = [_run_logged(model, recipe, mode, all_args[(model, recipe, mode)],
+                    mode_records = [_run_logged(model, recipe, mode, configs[(model, recipe, mode)],
                                                 opts, device, batch, peak)
                                     for recipe in opts.recipes]
                     base = next((r for r in mode_records

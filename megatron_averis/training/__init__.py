@@ -2,7 +2,7 @@
 
     arguments.py        flags (Megatron-LM names), presets and recipe resolution, start-up checks
     megatron_flags.py   Megatron-LM's flags beyond ours: architecture values, refusals, no-ops
-    config.py           ModelConfig: the typed configuration the model is built from
+    config.py           TrainingConfig (with ModelConfig): the typed configuration a run is built from
     presets.py          model architectures, parameter counts, FLOPs per step
     distributed.py      process group and megatron-core parallel state from torchrun's environment
     cpu_compat.py       lets megatron-core's DDP/optimizer/schedules run without CUDA (CI only)

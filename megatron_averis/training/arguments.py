@@ -21,6 +21,7 @@ from megatron_averis.recipes import RecipeError, canonical_name, check_linear_sh
 from megatron_averis.training import divergence, megatron_flags, preflight
 from megatron_averis.training.checkpoint_dirs import find_latest_checkpoint
 from megatron_averis.training.checkpoint_integrity import CHECKSUMS
+from megatron_averis.training.config import FaultToleranceConfig
 from megatron_averis.training.presets import PRESETS as MODEL_PRESETS
 from megatron_averis.training.presets import ModelArch
 
@@ -598,9 +599,27 @@ def _megatron_semantics(args) -> list[str]:
     return problems
 
 
-def _schedule_problems(args) -> list[str]:
-    from megatron_averis.training.optim import schedule_in_samples
+def schedule_in_samples(args) -> dict:
+    """Megatron-LM's schedule lengths in samples, from iteration- or sample-based flags:
+    train, decay (default: the training length), warm-up (--lr-warmup-fraction of the decay, else
+    the warm-up flag) and the WSD decay (None without one)."""
+    gbs = args.global_batch_size
+    if args.train_samples is not None:
+        train = args.train_samples
+        decay = args.lr_decay_samples if args.lr_decay_samples is not None else train
+        warmup = args.lr_warmup_samples
+        wsd = args.lr_wsd_decay_samples
+    else:
+        train = args.train_iters * gbs
+        decay = (args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters) * gbs
+        warmup = args.lr_warmup_iters * gbs
+        wsd = args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters is not None else None
+    if args.lr_warmup_fraction is not None:
+        warmup = int(args.lr_warmup_fraction * decay)
+    return {"train": train, "decay": decay, "warmup": warmup, "wsd": wsd}
 
+
+def _schedule_problems(args) -> list[str]:
     steps = schedule_in_samples(args)
     args.lr_schedule_samples = steps
     problems = []
@@ -781,7 +800,7 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.ckpt_step is not None and not args.load:
         problems.append("--ckpt-step needs --load DIR")
     problems += preflight.load_problems(args)
-    problems += divergence.flag_problems(args)
+    problems += divergence.flag_problems(FaultToleranceConfig.from_args(args))
     if args.save and not args.load:
         try:
             latest = find_latest_checkpoint(args.save)

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_averis.training import checkpoint_dirs, preflight, rng_state
 from megatron_averis.training import checkpoint_integrity as integrity
 from megatron_averis.training.checkpoint_integrity import CheckpointDamaged, CheckpointWriteFailed
+from megatron_averis.training.config import TrainingConfig
 
 # What megatron-core's reader and writer raise; torch's CheckpointException is no Exception.
 _IO_ERRORS = (Exception, CheckpointException)
@@ -51,15 +52,13 @@ def _rank_coords() -> tuple[int, int, int]:
             parallel_state.get_data_parallel_rank())
 
 
-def megatron_lm_args(args, train_state: dict) -> argparse.Namespace:
+def megatron_lm_args(cfg: TrainingConfig, train_state: dict) -> argparse.Namespace:
     """The `args` entry of a Megatron-LM checkpoint: the run's flags under Megatron-LM's names,
     with the architecture resolved (Megatron-LM's load reads num_layers, hidden_size,
     num_attention_heads, consumed_train_samples, ...)."""
-    from megatron_averis.training.arguments import resolved_config
-
-    cfg = {k: v for k, v in resolved_config(args).items() if not isinstance(v, dict)}
-    a = args.arch
-    cfg.update(
+    flags = {k: v for k, v in cfg.flags.items() if not isinstance(v, dict)}
+    a = cfg.model.arch
+    flags.update(
         num_layers=a.num_layers, hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
         num_attention_heads=a.num_attention_heads, group_query_attention=True,
         num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
@@ -68,11 +67,11 @@ def megatron_lm_args(args, train_state: dict) -> argparse.Namespace:
         untie_embeddings_and_output_weights=not a.tie_embeddings,
         attention_dropout=a.attention_dropout, hidden_dropout=a.hidden_dropout,
         position_embedding_type="rope", add_position_embedding=True, normalization="RMSNorm",
-        swiglu=True, add_bias_linear=False, padded_vocab_size=args.padded_vocab_size,
+        swiglu=True, add_bias_linear=False, padded_vocab_size=cfg.model.padded_vocab_size,
         ckpt_format="torch_dist", use_dist_ckpt=True, iteration=train_state["iteration"],
         consumed_train_samples=train_state["consumed_train_samples"],
         consumed_valid_samples=0, skipped_train_samples=0)
-    return argparse.Namespace(**cfg)
+    return argparse.Namespace(**flags)
 
 
 def arch_of_megatron_lm_args(ckpt_args) -> dict:
@@ -124,8 +123,8 @@ class Checkpointer:
     """Saves and loads the whole training state of this process's model chunks, in Megatron-LM's
     layout; loads Megatron-LM's checkpoints of the same architecture."""
 
-    def __init__(self, args, model_chunks, optimizer, scheduler, config_dict: dict):
-        self.args = args
+    def __init__(self, cfg: TrainingConfig, model_chunks, optimizer, scheduler, config_dict: dict):
+        self.cfg = cfg
         self.model = model_chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -135,9 +134,9 @@ class Checkpointer:
         """The sharded-state-dict metadata Megatron-LM uses (saved as the content metadata, so a
         load reads a checkpoint the way it was written)."""
         metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-        if self.args.use_distributed_optimizer:
+        if self.cfg.parallel.use_distributed_optimizer:
             metadata["distrib_optim_sharding_type"] = (
-                "fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable
+                "fully_reshardable" if self.cfg.checkpoint.dist_ckpt_optim_fully_reshardable
                 else "dp_reshardable")
         metadata.update(saved or {})
         return metadata
@@ -164,7 +163,7 @@ class Checkpointer:
     def save(self, iteration: int, train_state: dict) -> tuple[str, float]:
         """Write a checkpoint of `iteration`; returns (directory, seconds). Collective."""
         start = time.monotonic()
-        root = self.args.save
+        root = self.cfg.checkpoint.save
         temp = checkpoint_dirs.temp_dir(root, iteration)
         try:
             _everywhere(lambda: checkpoint_dirs.prepare_temp_dir(root, iteration), rank0_only=True)
@@ -173,7 +172,7 @@ class Checkpointer:
             state["optimizer"] = self.optimizer.sharded_state_dict(
                 state, is_loading=False, metadata=self._live(metadata))
             state.update({
-                "args": megatron_lm_args(self.args, train_state),
+                "args": megatron_lm_args(self.cfg, train_state),
                 "checkpoint_version": CHECKPOINT_VERSION,
                 "iteration": iteration,
                 "opt_param_scheduler": self.scheduler.state_dict(),
@@ -193,8 +192,8 @@ class Checkpointer:
         except _IO_ERRORS as e:
             if torch.distributed.get_rank() == 0:
                 shutil.rmtree(temp, ignore_errors=True)
-            need = preflight.checkpoint_bytes(self.args.arch, self.args.padded_vocab_size,
-                                              self.args.bf16)
+            model = self.cfg.model
+            need = preflight.checkpoint_bytes(model.arch, model.padded_vocab_size, model.bf16)
             raise CheckpointWriteFailed(integrity.write_failure_message(
                 e, temp, root, need, latest_checkpoint(root))) from e
         return final, time.monotonic() - start
@@ -205,12 +204,12 @@ class Checkpointer:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         files = _everywhere(lambda: integrity.list_files(temp), rank0_only=True)[0]
         parts = _everywhere(lambda: integrity.describe_files(
-            temp, integrity.share(files, rank, world), self.args.ckpt_integrity))
+            temp, integrity.share(files, rank, world), self.cfg.checkpoint.ckpt_integrity))
         entries = {k: v for part in parts for k, v in part.items()}
 
         def commit():
-            integrity.write_manifest(temp, entries, self.args.ckpt_integrity)
-            return checkpoint_dirs.commit(self.args.save, iteration)
+            integrity.write_manifest(temp, entries, self.cfg.checkpoint.ckpt_integrity)
+            return checkpoint_dirs.commit(self.cfg.checkpoint.save, iteration)
 
         return _everywhere(commit, rank0_only=True)[0]
 
@@ -228,7 +227,7 @@ class Checkpointer:
             if (below is None or iteration < below) and not self._problems(path):
                 previous = (iteration, path)
                 break
-        if previous is not None and self.args.ckpt_fallback:
+        if previous is not None and self.cfg.checkpoint.ckpt_fallback:
             if torch.distributed.get_rank() == 0:
                 print(f"warning: checkpoint {damaged} is damaged: {problem}; loading iteration "
                       f"{previous[0]} ({previous[1]}) instead (--ckpt-fallback)", flush=True)
@@ -246,11 +245,11 @@ class Checkpointer:
     def _find_intact(self) -> tuple[int | None, str] | None:
         """The checkpoint --load / --ckpt-step name, verified against its manifest; None when
         there is none yet. Iteration None: --load is a checkpoint directory itself."""
-        load = self.args.load
+        load = self.cfg.checkpoint.load
         direct = checkpoint_dirs.is_checkpoint_dir(load)
         root = os.path.dirname(os.path.abspath(load)) if direct else load
         try:
-            found = checkpoint_dirs.find_checkpoint(load, self.args.ckpt_step)
+            found = checkpoint_dirs.find_checkpoint(load, self.cfg.checkpoint.ckpt_step)
         except checkpoint_dirs.TrackerDamaged as e:
             return self._way_out(root, None, os.path.join(root, checkpoint_dirs.TRACKER), str(e))
         if found is None:
@@ -290,10 +289,10 @@ class Checkpointer:
         self._check_compatible(common, path, ours)
         metadata = self._metadata({k: v for k, v in saved_metadata.items()
                                    if k != "distrib_optim_sharding_type"
-                                   or self.args.use_distributed_optimizer})
-        finetune = self.args.finetune or not has_optim
-        load_optim = has_optim and not (self.args.no_load_optim or finetune)
-        load_rng = (ours and not (self.args.no_load_rng or finetune)
+                                   or self.cfg.parallel.use_distributed_optimizer})
+        finetune = self.cfg.checkpoint.finetune or not has_optim
+        load_optim = has_optim and not (self.cfg.checkpoint.no_load_optim or finetune)
+        load_rng = (ours and not (self.cfg.checkpoint.no_load_rng or finetune)
                     and common["parallel_layout"] == _layout())
         state = self._sharded_state_dict(metadata, rng=load_rng)
         if load_optim:
@@ -353,7 +352,8 @@ class Checkpointer:
             raise checkpoint_dirs.UnrecognisedCheckpoint(
                 f"{path} is a dist checkpoint without Megatron-LM's `args` or this program's run "
                 "configuration; it was not written by Megatron-LM's or this trainer")
-        now = {**self.args.arch.as_dict(), "padded_vocab_size": self.args.padded_vocab_size}
+        model = self.cfg.model
+        now = {**model.arch.as_dict(), "padded_vocab_size": model.padded_vocab_size}
         keys = _ARCH_MUST_MATCH + (("padded_vocab_size",) if saved["padded_vocab_size"] else ())
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
                  for k in keys if saved.get(k) != now.get(k)]

@@ -94,7 +94,7 @@ class ScheduleConfig(_FromFlags):
     lr_warmup_init: float
     lr_decay_style: str
     lr_wsd_decay_style: str
-    # In samples: train, decay, warmup, wsd (None without a WSD decay); optim.schedule_in_samples.
+    # In samples: train, decay, warmup, wsd (None without a WSD decay); arguments.schedule_in_samples.
     lr_schedule_samples: Mapping[str, int | None]
 
 

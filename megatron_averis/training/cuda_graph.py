@@ -12,7 +12,8 @@ the graph-safe RNG tracker, whose generator states the checkpoints would have to
 This model has no dropout, so nothing inside the step draws from torch's generators; the FP4
 stochastic rounding reads its step from device memory (linear.sr_step).
 
-Requirements, all checked by training.arguments: CUDA, no pipeline parallelism, no activation
+Enabled by ExecutionConfig.cuda_graph (training.config). Requirements, all checked by
+training.arguments: CUDA, no pipeline parallelism, no activation
 recomputation, no --overlap-grad-reduce. megatron-core DDP's per-bucket NaN check (a host read)
 is off in this mode (training.optim); a NaN still shows in the logged loss and grad norm. The
 model and its DDP wrapper must be built on the stream the graph is captured on (side_stream
@@ -27,11 +28,6 @@ import contextlib
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
-
-
-def enabled(args) -> bool:
-    """Whether the run captures its iterations (--cuda-graph-impl local)."""
-    return args.cuda_graph_impl == "local"
 
 
 def finalize_model_grads_capturable(model, num_tokens=None, **kwargs) -> None:

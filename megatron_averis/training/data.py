@@ -17,6 +17,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_averis.data.tokenizer import build_tokenizer
+from megatron_averis.training.config import TrainingConfig
 
 
 def parse_blend(values: list[str] | None):
@@ -33,73 +34,76 @@ def parse_blend(values: list[str] | None):
     return list(values), None
 
 
-def load_tokenizer(args):
-    """The tokenizer of --tokenizer-type (resolved by arguments.finalize_args)."""
-    if args.tokenizer_type == "NullTokenizer":
+def load_tokenizer(tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None):
+    """The tokenizer of --tokenizer-type (resolved by arguments.finalize_args) and
+    --tokenizer-model, or NullTokenizer's --vocab-size."""
+    if tokenizer_type == "NullTokenizer":
         # Megatron-LM's: ids 0..N-1 and the end-of-document token N (vocabulary N + 1).
         from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 
-        return NullTokenizer(args.vocab_size)
+        return NullTokenizer(vocab_size)
     from megatron_averis.training.arguments import TOKENIZER_LIBRARIES
 
-    return build_tokenizer(args.tokenizer_model, TOKENIZER_LIBRARIES[args.tokenizer_type])
+    return build_tokenizer(tokenizer_model, TOKENIZER_LIBRARIES[tokenizer_type])
 
 
-def dataset_config(args, tokenizer) -> GPTDatasetConfig:
+def dataset_config(cfg: TrainingConfig, tokenizer) -> GPTDatasetConfig:
+    data = cfg.data
     common = dict(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
+        random_seed=cfg.execution.seed,
+        sequence_length=cfg.batch.seq_length,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         # No explicit mask: causal attention without a mask lets SDPA pick its flash kernel.
         create_attention_mask=False,
-        path_to_cache=args.data_cache_path,
-        mmap_bin_files=args.mmap_bin_files,
+        path_to_cache=data.data_cache_path,
+        mmap_bin_files=data.mmap_bin_files,
     )
-    if args.mock_data:  # megatron-core's MockGPTDataset: neither blend given
-        return GPTDatasetConfig(split=args.split, **common)
-    if args.data_path is not None:
-        config = GPTDatasetConfig(blend=parse_blend(args.data_path), split=args.split, **common)
+    if data.mock_data:  # megatron-core's MockGPTDataset: neither blend given
+        return GPTDatasetConfig(split=data.split, **common)
+    if data.data_path is not None:
+        config = GPTDatasetConfig(blend=parse_blend(data.data_path), split=data.split, **common)
         # Splits that will not be read are not built: the others keep the document ranges
         # --split gives them (changing --split itself would move those ranges).
-        used = (True, args.has_valid_data, args.has_test_data and args.eval_iters > 0)
+        used = (True, data.has_valid_data, data.has_test_data and data.eval_iters > 0)
         config.split_matrix = [m if u else None for m, u in zip(config.split_matrix, used)]
         return config
     # Splits that will not be read get no blend, so megatron-core does not build them.
-    use_test = args.has_test_data and args.eval_iters > 0
+    use_test = data.has_test_data and data.eval_iters > 0
     return GPTDatasetConfig(
-        blend_per_split=[parse_blend(args.train_data_path),
-                         parse_blend(args.valid_data_path) if args.has_valid_data else None,
-                         parse_blend(args.test_data_path) if use_test else None],
+        blend_per_split=[parse_blend(data.train_data_path),
+                         parse_blend(data.valid_data_path) if data.has_valid_data else None,
+                         parse_blend(data.test_data_path) if use_test else None],
         **common,
     )
 
 
-def eval_samples(args) -> int:
-    return args.eval_iters * args.global_batch_size
+def eval_samples(cfg: TrainingConfig) -> int:
+    return cfg.data.eval_iters * cfg.batch.global_batch_size
 
 
-def build_datasets(args, tokenizer):
+def build_datasets(cfg: TrainingConfig, tokenizer):
     """(train, valid, test) datasets; valid/test are None when not used. Collective: rank 0
     builds megatron-core's index caches first, the others then read them."""
+    data = cfg.data
     sizes = [
-        args.train_iters * args.global_batch_size,
-        eval_samples(args) if args.has_valid_data else None,
-        eval_samples(args) if args.has_test_data and args.eval_iters > 0 else None,
+        cfg.batch.train_iters * cfg.batch.global_batch_size,
+        eval_samples(cfg) if data.has_valid_data else None,
+        eval_samples(cfg) if data.has_test_data and data.eval_iters > 0 else None,
     ]
-    config = dataset_config(args, tokenizer)
-    if args.data_path is not None or args.mock_data:
+    config = dataset_config(cfg, tokenizer)
+    if data.data_path is not None or data.mock_data:
         # megatron-core wants a size for every split of a weighted blend, built or not.
         sizes = [s if s is not None else 0 for s in sizes]
-    cls = MockGPTDataset if args.mock_data else GPTDataset
+    cls = MockGPTDataset if data.mock_data else GPTDataset
     datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     train, valid, test = datasets
     if train is None or len(train) == 0:
         raise RuntimeError("the training split is empty; check --data-path/--split or "
                            "--train-data-path")
-    return train, (valid if args.has_valid_data else None), (test if sizes[2] else None)
+    return train, (valid if data.has_valid_data else None), (test if sizes[2] else None)
 
 
 class MicroBatchSampler:
@@ -131,10 +135,12 @@ def _ignore_sigterm(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset, start: int, end: int, args, dp_rank: int, dp_size: int,
+def make_loader(dataset, start: int, end: int, cfg: TrainingConfig, dp_rank: int, dp_size: int,
                 pin_memory: bool, persistent: bool):
-    sampler = MicroBatchSampler(start, min(end, len(dataset)), args.micro_batch_size, dp_rank, dp_size)
+    sampler = MicroBatchSampler(start, min(end, len(dataset)), cfg.batch.micro_batch_size, dp_rank,
+                                dp_size)
+    workers = cfg.data.num_workers
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=pin_memory,
-        persistent_workers=persistent and args.num_workers > 0, worker_init_fn=_ignore_sigterm,
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+        persistent_workers=persistent and workers > 0, worker_init_fn=_ignore_sigterm,
     )

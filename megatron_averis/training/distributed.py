@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
+from megatron_averis.training.config import TrainingConfig
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -48,16 +50,17 @@ def device_for(env: LaunchEnv) -> torch.device:
     return torch.device("cuda", env.local_rank)
 
 
-def initialize(args, env: LaunchEnv, device: torch.device) -> None:
+def initialize(cfg: TrainingConfig, env: LaunchEnv, device: torch.device) -> None:
     """torch.distributed and megatron-core's tensor/pipeline/data-parallel groups."""
     if not env.launched_by_torchrun:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    backend = args.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
+    parallel = cfg.parallel
+    backend = parallel.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise RuntimeError("--distributed-backend nccl needs CUDA; this machine has none (use gloo)")
-    timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)
+    timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
     kwargs = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -65,9 +68,9 @@ def initialize(args, env: LaunchEnv, device: torch.device) -> None:
     torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                                          timeout=timeout, **kwargs)
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        distributed_timeout_minutes=args.distributed_timeout_minutes,
+        tensor_model_parallel_size=cfg.model.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.model.pipeline_model_parallel_size,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
 
 

@@ -17,6 +17,8 @@ from collections import deque
 
 import torch
 
+from megatron_averis.training.config import FaultToleranceConfig
+
 ACTIONS = ("abort", "skip")
 DEFAULT_LOSS_FACTOR = 10.0   # Megatron-LM's spiky-loss threshold
 DEFAULT_GRAD_FACTOR = 10.0   # Megatron-LM's large-grads threshold
@@ -29,28 +31,28 @@ class TrainingDiverged(RuntimeError):
     """The run was stopped by the divergence guard; nothing was saved after the last healthy step."""
 
 
-def flag_problems(args) -> list[str]:
+def flag_problems(ft: FaultToleranceConfig) -> list[str]:
     problems = []
-    for flag, value in (("--spiky-loss-factor", args.spiky_loss_factor),
-                        ("--large-grads-factor", args.large_grads_factor)):
+    for flag, value in (("--spiky-loss-factor", ft.spiky_loss_factor),
+                        ("--large-grads-factor", ft.large_grads_factor)):
         if not value > 1:
             problems.append(f"{flag} must be > 1 (a multiple of the running median), got {value:g}")
-    if args.divergence_window < MIN_HISTORY:
-        problems.append(f"--divergence-window must be >= {MIN_HISTORY}, got {args.divergence_window}")
-    if args.max_skipped_steps < 1:
-        problems.append(f"--max-skipped-steps must be >= 1, got {args.max_skipped_steps}")
+    if ft.divergence_window < MIN_HISTORY:
+        problems.append(f"--divergence-window must be >= {MIN_HISTORY}, got {ft.divergence_window}")
+    if ft.max_skipped_steps < 1:
+        problems.append(f"--max-skipped-steps must be >= 1, got {ft.max_skipped_steps}")
     return problems
 
 
 class DivergenceGuard:
-    def __init__(self, args):
-        self.nan_check = args.check_for_nan_in_loss_and_grad
-        self.loss_factor = args.spiky_loss_factor if args.check_for_spiky_loss else None
-        self.grad_factor = args.large_grads_factor if args.check_for_large_grads else None
-        self.action = args.divergence_action
-        self.max_skips = args.max_skipped_steps
-        self.losses: deque[float] = deque(maxlen=args.divergence_window)
-        self.grad_norms: deque[float] = deque(maxlen=args.divergence_window)
+    def __init__(self, ft: FaultToleranceConfig):
+        self.nan_check = ft.check_for_nan_in_loss_and_grad
+        self.loss_factor = ft.spiky_loss_factor if ft.check_for_spiky_loss else None
+        self.grad_factor = ft.large_grads_factor if ft.check_for_large_grads else None
+        self.action = ft.divergence_action
+        self.max_skips = ft.max_skipped_steps
+        self.losses: deque[float] = deque(maxlen=ft.divergence_window)
+        self.grad_norms: deque[float] = deque(maxlen=ft.divergence_window)
         self.skipped_in_a_row = 0
 
     def assess(self, loss: float, grad_norm: float | None) -> list[str]:

@@ -25,11 +25,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_averis.linear.sr_step import SR_STEP
 from megatron_averis.training import data as data_lib
 from megatron_averis.training import distributed, preflight
-from megatron_averis.training.arguments import (ConfigError, finalize_args, parse_args,
-                                                resolved_config)
+from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args
 from megatron_averis.training.checkpoint_integrity import CheckpointError
 from megatron_averis.training.checkpointing import Checkpointer, latest_checkpoint
-from megatron_averis.training.config import ModelConfig
+from megatron_averis.training.config import TrainingConfig
 from megatron_averis.training.cpu_compat import cpu_training
 from megatron_averis.training import cuda_graph
 from megatron_averis.training.divergence import DivergenceGuard, TrainingDiverged, guarded_step
@@ -37,8 +36,7 @@ from megatron_averis.training.metrics import (format_duration, interval_stats, m
                                               peak_tflops, progress_line)
 from megatron_averis.training.model import build_model, count_local_parameters, transformer_config
 from megatron_averis.training.optim import build_optimizer, build_scheduler, wrap_data_parallel
-from megatron_averis.training.presets import (padded_vocab_size, parameter_counts,
-                                              training_flops_per_iteration)
+from megatron_averis.training.presets import parameter_counts, training_flops_per_iteration
 from megatron_averis.training.rng_state import seed_everything
 from megatron_averis.training.writers import RunLogger, new_launch_id, wandb_run_id
 
@@ -62,17 +60,17 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def run_config(args, tokenizer) -> dict:
+def run_config(cfg: TrainingConfig, tokenizer) -> dict:
     """Everything that defines the run, identical on every rank (it goes into checkpoints)."""
     import megatron.core
 
-    cfg = resolved_config(args)
-    cfg["tokenizer"] = {"vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod}
-    cfg["world_size"] = torch.distributed.get_world_size()
-    cfg["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
+    out = dict(cfg.flags)
+    out["tokenizer"] = {"vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod}
+    out["world_size"] = torch.distributed.get_world_size()
+    out["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
                        "megatron_core": megatron.core.__version__}
-    cfg["git_commit"] = _git_commit()
-    return json.loads(json.dumps(cfg, default=str))
+    out["git_commit"] = _git_commit()
+    return json.loads(json.dumps(out, default=str))
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -85,30 +83,27 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 class Trainer:
-    def __init__(self, args, env, device: torch.device):
-        self.args, self.env, self.device = args, env, device
+    """Built from the run's TrainingConfig (self.cfg; self.config is megatron-core's
+    TransformerConfig) and the tokenizer main() loaded."""
+
+    def __init__(self, cfg: TrainingConfig, tokenizer, env, device: torch.device):
+        self.cfg, self.tokenizer, self.env, self.device = cfg, tokenizer, env, device
         self.world = torch.distributed.get_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        seed_everything(args.seed, parallel_state.get_pipeline_model_parallel_rank())
-
-        self.tokenizer = data_lib.load_tokenizer(args)
-        args.tokenizer_vocab_size = self.tokenizer.vocab_size
-        args.padded_vocab_size = padded_vocab_size(args.tokenizer_vocab_size,
-                                                   args.make_vocab_size_divisible_by,
-                                                   args.tensor_model_parallel_size)
+        seed_everything(cfg.execution.seed, parallel_state.get_pipeline_model_parallel_rank())
 
         self._build_model_and_optimizer()
-        self.config_dict = run_config(args, self.tokenizer)
-        self.checkpointer = Checkpointer(args, self.model, self.optimizer, self.scheduler,
+        self.config_dict = run_config(cfg, self.tokenizer)
+        self.checkpointer = Checkpointer(cfg, self.model, self.optimizer, self.scheduler,
                                          self.config_dict)
         self._build_schedules()
-        self.guard = DivergenceGuard(args)
+        self.guard = DivergenceGuard(cfg.fault_tolerance)
 
         self.iteration = 0
         self.consumed_samples = 0
         self.resumed_from = None
-        if args.load:
+        if cfg.checkpoint.load:
             start = time.monotonic()
             state = self.checkpointer.load()
             if state is not None:
@@ -119,19 +114,20 @@ class Trainer:
 
         start = time.monotonic()
         print0("building datasets (megatron-core indexes a corpus once and caches the index)...")
-        self.train_ds, self.valid_ds, self.test_ds = data_lib.build_datasets(args, self.tokenizer)
+        self.train_ds, self.valid_ds, self.test_ds = data_lib.build_datasets(cfg, self.tokenizer)
         print0(f"datasets ready in {time.monotonic() - start:.1f} s: train {len(self.train_ds):,} "
                f"samples" + (f", valid {len(self.valid_ds):,}" if self.valid_ds is not None else "")
                + (f", test {len(self.test_ds):,}" if self.test_ds is not None else ""))
-        self.logger = RunLogger(args, self.config_dict, enabled=torch.distributed.get_rank() == 0,
-                                wandb_id=self._wandb_id())
-        self.tokens_per_iteration = args.global_batch_size * args.seq_length
+        self.logger = RunLogger(cfg.logging, self.config_dict,
+                                enabled=torch.distributed.get_rank() == 0, wandb_id=self._wandb_id())
+        batch = cfg.batch
+        self.tokens_per_iteration = batch.global_batch_size * batch.seq_length
         self.flops_per_iteration = training_flops_per_iteration(
-            args.arch, args.padded_vocab_size, args.seq_length, args.global_batch_size)
-        self.peak, self.peak_text = peak_tflops(device, args.peak_tflops)
+            cfg.model.arch, cfg.model.padded_vocab_size, batch.seq_length, batch.global_batch_size)
+        self.peak, self.peak_text = peak_tflops(device, cfg.logging.peak_tflops)
         self.stop_requested = self.signalled = False
         self.launched = time.monotonic()
-        if args.exit_signal_handler:
+        if cfg.checkpoint.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self._report_setup()
 
@@ -141,69 +137,71 @@ class Trainer:
         r = self.resumed_from
         if r and not r["finetune"] and r.get("wandb_run_id"):
             return r["wandb_run_id"]
-        chosen = [wandb_run_id(self.args.run_name, new_launch_id())]
+        chosen = [wandb_run_id(self.cfg.logging.run_name, new_launch_id())]
         torch.distributed.broadcast_object_list(chosen, src=0)
         return chosen[0]
 
     def _build_model_and_optimizer(self) -> None:
-        """Model chunks wrapped in DDP, the optimizer and the LR schedule, from self.args (vocabulary
-        sizes set) on self.device. Also how benchmarks/model_step.py builds them."""
-        args, device = self.args, self.device
-        self.model_config = ModelConfig.from_args(args)
-        self.config = transformer_config(self.model_config, device)
-        model = build_model(self.model_config, self.config, device)
+        """Model chunks wrapped in DDP, the optimizer and the LR schedule, from self.cfg on
+        self.device. Also how benchmarks/model_step.py builds them."""
+        cfg, device = self.cfg, self.device
+        self.config = transformer_config(cfg.model, device)
+        model = build_model(cfg.model, self.config, device)
         self.local_parameters = count_local_parameters(model)
-        self.model = wrap_data_parallel(args, self.config, model)
-        self.optimizer = build_optimizer(args, self.config, self.model)
-        self.scheduler = build_scheduler(args, self.optimizer)
+        self.model = wrap_data_parallel(cfg, self.config, model)
+        self.optimizer = build_optimizer(cfg, self.config, self.model)
+        self.scheduler = build_scheduler(cfg.optimizer, cfg.schedule, self.optimizer)
 
     def _build_schedules(self) -> None:
         """megatron-core's forward-backward schedule; for training, captured in a CUDA graph under
         --cuda-graph-impl local (validation stays eager)."""
         self.forward_backward = get_forward_backward_func()
         self._train_schedule = partial(self._schedule, forward_only=False)
-        if cuda_graph.enabled(self.args):
+        if self.cfg.execution.cuda_graph:
             self._train_schedule = cuda_graph.IterationGraph(
-                self._train_schedule, self.args.num_microbatches, self.args.cuda_graph_warmup_steps,
-                self.device)
+                self._train_schedule, self.cfg.batch.num_microbatches,
+                self.cfg.execution.cuda_graph_warmup_steps, self.device)
 
     # -- set-up report ------------------------------------------------------------------
     def _report_setup(self) -> None:
-        a = self.args
-        counts = parameter_counts(a.arch, a.padded_vocab_size)
-        steps = a.lr_schedule_samples
+        cfg = self.cfg
+        model, batch, data, adam, schedule = cfg.model, cfg.batch, cfg.data, cfg.optimizer, cfg.schedule
+        log, load = cfg.logging, cfg.checkpoint.load
+        counts = parameter_counts(model.arch, model.padded_vocab_size)
+        steps = schedule.lr_schedule_samples
         device = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU")
-        tied = "tied with the output layer" if a.arch.tie_embeddings else \
+        tied = "tied with the output layer" if model.arch.tie_embeddings else \
             f"+ output layer {_millions(counts['output_layer'])}"
         lines = [
-            f"megatron-averis pretrain: run {a.run_name!r} | world {self.world} = TP "
-            f"{a.tensor_model_parallel_size} x PP {a.pipeline_model_parallel_size} x DP {self.dp_size}"
-            f"{' + SP' if a.sequence_parallel else ''} | {self.device.type} ({device}), "
-            f"{torch.distributed.get_backend()}",
-            f"model {a.model_preset or 'custom'}: {_millions(counts['total'])} parameters "
+            f"megatron-averis pretrain: run {log.run_name!r} | world {self.world} = TP "
+            f"{model.tensor_model_parallel_size} x PP {model.pipeline_model_parallel_size} x DP "
+            f"{self.dp_size}{' + SP' if model.sequence_parallel else ''} | {self.device.type} "
+            f"({device}), {torch.distributed.get_backend()}",
+            f"model {log.model_preset or 'custom'}: {_millions(counts['total'])} parameters "
             f"(embedding {_millions(counts['embedding'])} {tied}, decoder "
             f"{_millions(counts['decoder'])}); this rank holds {_millions(self.local_parameters)}",
-            f"vocabulary {a.tokenizer_vocab_size} from {a.tokenizer_type} "
-            f"{a.tokenizer_model or ''}, padded to {a.padded_vocab_size}",
-            f"precision: {'BF16' if a.bf16 else 'FP32'} parameters, FP32 main grads"
-            f"{', distributed optimizer' if a.use_distributed_optimizer else ''}",
-            a.recipe.describe() if not a.recipe.is_bf16 else
-            f"recipe {a.recipe.name}: no quantized GEMMs ({'BF16' if a.bf16 else 'FP32'})",
-            f"batch: global {a.global_batch_size} = micro {a.micro_batch_size} x "
-            f"{a.num_microbatches} micro-batches x DP {self.dp_size}; seq {a.seq_length}; "
+            f"vocabulary {data.tokenizer_vocab_size} from {data.tokenizer_type} "
+            f"{data.tokenizer_model or ''}, padded to {model.padded_vocab_size}",
+            f"precision: {'BF16' if model.bf16 else 'FP32'} parameters, FP32 main grads"
+            f"{', distributed optimizer' if cfg.parallel.use_distributed_optimizer else ''}",
+            model.recipe.describe() if not model.recipe.is_bf16 else
+            f"recipe {model.recipe.name}: no quantized GEMMs ({'BF16' if model.bf16 else 'FP32'})",
+            f"batch: global {batch.global_batch_size} = micro {batch.micro_batch_size} x "
+            f"{batch.num_microbatches} micro-batches x DP {self.dp_size}; seq {batch.seq_length}; "
             f"{self.tokens_per_iteration:,} tokens/step; "
-            f"{a.train_iters * self.tokens_per_iteration:,} tokens in {a.train_iters} steps",
-            f"lr: {a.lr_decay_style} {a.lr:g} -> {a.min_lr:g} over {steps['decay']:,} samples, "
-            f"warm-up {steps['warmup']:,} samples from {a.lr_warmup_init:g}"
-            + (f", WSD decay {steps['wsd']:,} samples ({a.lr_wsd_decay_style})"
-               if a.lr_decay_style == "WSD" else "")
-            + f"; clip-grad {a.clip_grad:g}; seed {a.seed}",
+            f"{batch.train_iters * self.tokens_per_iteration:,} tokens in {batch.train_iters} steps",
+            f"lr: {schedule.lr_decay_style} {adam.lr:g} -> {adam.min_lr:g} over "
+            f"{steps['decay']:,} samples, warm-up {steps['warmup']:,} samples from "
+            f"{schedule.lr_warmup_init:g}"
+            + (f", WSD decay {steps['wsd']:,} samples ({schedule.lr_wsd_decay_style})"
+               if schedule.lr_decay_style == "WSD" else "")
+            + f"; clip-grad {adam.clip_grad:g}; seed {cfg.execution.seed}",
             f"model FLOPs: {self.flops_per_iteration / 1e12:,.2f} TFLOP per step; MFU against "
             f"{self.peak_text}",
-            f"logs: {a.log_dir} (metrics.jsonl, config.json), TensorBoard {a.tensorboard_dir}",
+            f"logs: {log.log_dir} (metrics.jsonl, config.json), TensorBoard {log.tensorboard_dir}",
         ]
         lines += self.logger.messages
-        lines += a.ignored_flags
+        lines += log.ignored_flags
         if self.resumed_from:
             r = self.resumed_from
             if r["finetune"]:
@@ -216,15 +214,15 @@ class Trainer:
                              f"loaded in {r['seconds']} s)"
                              + ("" if r["rng_restored"] else "; RNG state not restored")
                              + ("" if r["optimizer_restored"] else "; optimizer state not restored"))
-        elif a.load:
-            lines.append(f"--load {a.load}: no checkpoint yet, starting from scratch")
+        elif load:
+            lines.append(f"--load {load}: no checkpoint yet, starting from scratch")
         print0("\n".join(lines))
         if torch.distributed.get_rank() == 0:
             start = {**self.config_dict, "launch_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      "resumed_from": self.resumed_from, "parameters": counts,
                      "rank0_local_parameters": self.local_parameters,
                      "flops_per_iteration": self.flops_per_iteration, "mfu_peak": self.peak_text}
-            with open(os.path.join(a.log_dir, "config.json"), "w", encoding="utf-8") as f:
+            with open(os.path.join(log.log_dir, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(start, f, indent=2, sort_keys=True)
             self.logger.record("start", self.iteration, {"config": start})
 
@@ -252,14 +250,14 @@ class Trainer:
         return total
 
     def _schedule(self, data_iterator, forward_only: bool):
-        a = self.args
+        batch = self.cfg.batch
         return self.forward_backward(
             forward_step_func=self._forward_step,
             data_iterator=data_iterator,
             model=self.model,
-            num_microbatches=a.num_microbatches,
-            seq_length=a.seq_length,
-            micro_batch_size=a.micro_batch_size,
+            num_microbatches=batch.num_microbatches,
+            seq_length=batch.seq_length,
+            micro_batch_size=batch.micro_batch_size,
             forward_only=forward_only,
         )
 
@@ -275,22 +273,22 @@ class Trainer:
         updated, grad_norm, diverged = guarded_step(
             self.optimizer, lambda norm: self.guard.assess(loss, norm))
         if updated:
-            self.scheduler.step(increment=self.args.global_batch_size)
+            self.scheduler.step(increment=self.cfg.batch.global_batch_size)
             self.guard.healthy(loss, grad_norm)
         return total, grad_norm, lr, updated, diverged
 
     # -- validation ---------------------------------------------------------------------
     def evaluate(self, dataset) -> float:
-        a = self.args
+        cfg = self.cfg
         for chunk in self.model:
             chunk.eval()
-        loader = data_lib.make_loader(dataset, 0, data_lib.eval_samples(a), a, self.dp_rank,
+        loader = data_lib.make_loader(dataset, 0, data_lib.eval_samples(cfg), cfg, self.dp_rank,
                                       self.dp_size, pin_memory=self.device.type == "cuda",
                                       persistent=False)
         iterator = iter(loader)
         total = torch.zeros(2, dtype=torch.float32, device=self.device)
         with torch.no_grad():
-            for _ in range(a.eval_iters):
+            for _ in range(cfg.data.eval_iters):
                 total += self._reduce_losses(self._schedule(iterator, forward_only=True))
         for chunk in self.model:
             chunk.train()
@@ -302,7 +300,8 @@ class Trainer:
         seconds = time.monotonic() - start
         ppl = float(torch.tensor(loss).exp()) if loss < 50 else float("inf")
         print0(f"{split} loss at step {self.iteration}: {loss:.4f} | ppl {ppl:.2f} | "
-               f"{_eval_tokens(self.args):,} tokens in {seconds:.1f} s")
+               f"{data_lib.eval_samples(self.cfg) * self.cfg.batch.seq_length:,} tokens in "
+               f"{seconds:.1f} s")
         self.logger.record(split, self.iteration, {"loss": loss, "ppl": ppl, "seconds": seconds},
                            scalars={f"{split}/loss": loss, f"{split}/ppl": ppl})
         if split == "valid":
@@ -313,9 +312,9 @@ class Trainer:
         train_state = {
             "iteration": self.iteration,
             "consumed_train_samples": self.consumed_samples,
-            "consumed_train_tokens": self.consumed_samples * self.args.seq_length,
-            "seed": self.args.seed,
-            "global_batch_size": self.args.global_batch_size,
+            "consumed_train_tokens": self.consumed_samples * self.cfg.batch.seq_length,
+            "seed": self.cfg.execution.seed,
+            "global_batch_size": self.cfg.batch.global_batch_size,
             "floating_point_operations": self.iteration * self.flops_per_iteration,
             "wandb_run_id": self.logger.wandb_id,
             "divergence_guard": self.guard.state_dict(),
@@ -328,7 +327,6 @@ class Trainer:
 
     def _diverged(self, total: torch.Tensor, grad_norm, reasons: list[str]) -> None:
         """Log a diverged step (self.iteration is its number) and abort when the policy says so."""
-        a = self.args
         abort = self.guard.must_abort()
         healthy = self.iteration - self.guard.skipped_in_a_row  # skipped steps changed nothing
         self.logger.record("divergence", self.iteration, {
@@ -339,12 +337,13 @@ class Trainer:
                + ("stopping" if abort else "its update is skipped"))
         if not abort:
             return
-        found = latest_checkpoint(a.save) if a.save else None
-        skipping = a.divergence_action == "skip"
+        save = self.cfg.checkpoint.save
+        found = latest_checkpoint(save) if save else None
+        skipping = self.guard.action == "skip"
         raise TrainingDiverged(
             f"training diverged at step {self.iteration} ({'; '.join(reasons)})"
             + (f", {self.guard.skipped_in_a_row} diverged steps in a row (--max-skipped-steps "
-               f"{a.max_skipped_steps})" if skipping else "")
+               f"{self.guard.max_skips})" if skipping else "")
             + (f". The weights are those of step {healthy}, the last healthy one (diverged "
                "updates were skipped); " if skipping else
                f". Nothing was saved after step {healthy}, the last healthy one; ")
@@ -361,22 +360,22 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def train(self) -> None:
-        a = self.args
+        cfg, batch, ckpt = self.cfg, self.cfg.batch, self.cfg.checkpoint
         self.last_saved = (self.iteration if self.resumed_from and not self.resumed_from["finetune"]
                            else None)
         self.last_validated = None
         loader = data_lib.make_loader(self.train_ds, self.consumed_samples,
-                                      a.train_iters * a.global_batch_size, a, self.dp_rank,
+                                      batch.train_iters * batch.global_batch_size, cfg, self.dp_rank,
                                       self.dp_size, pin_memory=self.device.type == "cuda",
                                       persistent=True)
         data_iterator = iter(loader)
         window_losses, window_norms, skipped = [], [], 0
         window_start, window_excluded, window_iters = time.monotonic(), 0.0, 0
         stopped_by_signal = False
-        while self.iteration < a.train_iters:
+        while self.iteration < batch.train_iters:
             loss, grad_norm, lr, updated, diverged = self.train_step(data_iterator)
             self.iteration += 1
-            self.consumed_samples += a.global_batch_size
+            self.consumed_samples += batch.global_batch_size
             window_iters += 1
             if diverged:
                 self._diverged(loss, grad_norm, diverged)
@@ -387,7 +386,7 @@ class Trainer:
             else:
                 skipped += 1
 
-            if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
+            if self.iteration % cfg.logging.log_interval == 0 or self.iteration == batch.train_iters:
                 iter_losses = torch.stack(window_losses) if window_losses else torch.full((1, 2), math.nan)
                 mean_loss = (iter_losses[:, 0] / iter_losses[:, 1]).mean().item()
                 elapsed = time.monotonic() - window_start - window_excluded
@@ -399,11 +398,11 @@ class Trainer:
                 m = {"step": self.iteration, "loss": mean_loss, "lr": lr,
                      "grad_norm": (sum(window_norms) / len(window_norms)) if window_norms else float("nan"),
                      **stats, "memory_gib": mem, "memory_kind": mem_kind,
-                     "eta_seconds": stats["seconds_per_iteration"] * (a.train_iters - self.iteration),
+                     "eta_seconds": stats["seconds_per_iteration"] * (batch.train_iters - self.iteration),
                      "consumed_samples": self.consumed_samples,
-                     "consumed_tokens": self.consumed_samples * a.seq_length,
+                     "consumed_tokens": self.consumed_samples * batch.seq_length,
                      "skipped_iterations": skipped}
-                print0(progress_line(m, a.train_iters, "GPU" if self.device.type == "cuda" else "rank"))
+                print0(progress_line(m, batch.train_iters, "GPU" if self.device.type == "cuda" else "rank"))
                 self.logger.record("train", self.iteration, m, scalars={
                     "train/loss": m["loss"], "train/lr": lr, "train/grad_norm": m["grad_norm"],
                     "perf/tokens_per_second": m["tokens_per_second"],
@@ -412,21 +411,21 @@ class Trainer:
                 window_losses, window_norms, skipped = [], [], 0
                 window_start, window_excluded, window_iters = time.monotonic(), 0.0, 0
 
-            if (self.valid_ds is not None and a.eval_interval
-                    and self.iteration % a.eval_interval == 0):
+            eval_interval = cfg.data.eval_interval
+            if self.valid_ds is not None and eval_interval and self.iteration % eval_interval == 0:
                 window_excluded += self._validate("valid", self.valid_ds)
-            if a.save_interval and self.iteration % a.save_interval == 0:
+            if ckpt.save_interval and self.iteration % ckpt.save_interval == 0:
                 window_excluded += self._save()
-            timed = a.exit_duration_in_mins is not None
-            if timed and (time.monotonic() - self.launched) / 60 > a.exit_duration_in_mins:
+            timed = ckpt.exit_duration_in_mins is not None
+            if timed and (time.monotonic() - self.launched) / 60 > ckpt.exit_duration_in_mins:
                 self.stop_requested = True
-            if (a.exit_signal_handler or timed) and self._stop_agreed():
+            if (ckpt.exit_signal_handler or timed) and self._stop_agreed():
                 why = "SIGTERM received" if self.signalled else "--exit-duration-in-mins reached"
                 print0(f"{why}: saving and stopping at step {self.iteration}")
                 stopped_by_signal = True
                 break
 
-        if a.save and self.last_saved != self.iteration:
+        if ckpt.save and self.last_saved != self.iteration:
             self._save()
         if not stopped_by_signal:
             if self.valid_ds is not None and self.last_validated != self.iteration:
@@ -435,39 +434,35 @@ class Trainer:
                 self._validate("test", self.test_ds)
         self.logger.record("end", self.iteration, {"consumed_samples": self.consumed_samples,
                                                    "stopped_by_signal": stopped_by_signal})
-        print0(f"done: step {self.iteration}/{a.train_iters}, "
-               f"{self.consumed_samples * a.seq_length:,} tokens consumed")
+        print0(f"done: step {self.iteration}/{batch.train_iters}, "
+               f"{self.consumed_samples * batch.seq_length:,} tokens consumed")
 
     def close(self) -> None:
         self.logger.close()
 
 
-def _eval_tokens(args) -> int:
-    return args.eval_iters * args.global_batch_size * args.seq_length
-
-
-def dry_run_report(args, tokenizer) -> str:
+def dry_run_report(cfg: TrainingConfig) -> str:
     """--dry-run: the resolved configuration (JSON) and what the model will be, without training.
-    The tokenizer is loaded (its files are checked and the vocabulary sized)."""
-    padded = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                               args.tensor_model_parallel_size)
-    counts = parameter_counts(args.arch, padded)
-    cfg = {**resolved_config(args), "tokenizer_vocab_size": tokenizer.vocab_size,
-           "padded_vocab_size": padded, "parameters": counts}
-    lines = [json.dumps(cfg, indent=2, sort_keys=True),
+    main() has loaded the tokenizer (its files are checked and the vocabulary sized)."""
+    counts = parameter_counts(cfg.model.arch, cfg.model.padded_vocab_size)
+    batch = cfg.batch
+    lines = [json.dumps({**cfg.flags, "parameters": counts}, indent=2, sort_keys=True),
              f"dry run: configuration valid; model {_millions(counts['total'])} parameters, "
-             f"{args.recipe.name} recipe, {args.train_iters} steps of "
-             f"{args.global_batch_size} x {args.seq_length} tokens"]
-    lines += args.ignored_flags
+             f"{cfg.model.recipe.name} recipe, {batch.train_iters} steps of "
+             f"{batch.global_batch_size} x {batch.seq_length} tokens"]
+    lines += cfg.logging.ignored_flags
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    """The command line is parsed and finalized here, and becomes the one TrainingConfig the
+    run is built from."""
     args = parse_args(argv)
     env = distributed.LaunchEnv.from_environ()
     try:
         finalize_args(args, env.world_size)
-        tokenizer = data_lib.load_tokenizer(args)
+        tokenizer = data_lib.load_tokenizer(args.tokenizer_type, args.tokenizer_model,
+                                            args.vocab_size)
         problems = preflight.output_problems(args, tokenizer.vocab_size)
         if problems:
             raise ConfigError(problems)
@@ -475,12 +470,13 @@ def main(argv=None) -> int:
         if env.rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    if args.dry_run:
+    cfg = TrainingConfig.from_args(args, tokenizer.vocab_size)
+    if cfg.execution.dry_run:
         if env.rank == 0:
-            print(dry_run_report(args, tokenizer))
+            print(dry_run_report(cfg))
         return 0
     device = distributed.device_for(env)
-    if args.deterministic_mode:
+    if cfg.execution.deterministic_mode:
         # Before CUDA and NCCL start: both read these once.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         os.environ.setdefault("NCCL_ALGO", "Ring")
@@ -489,11 +485,11 @@ def main(argv=None) -> int:
         torch.use_deterministic_algorithms(True)
     start = time.monotonic()
     with cpu_training():
-        distributed.initialize(args, env, device)
+        distributed.initialize(cfg, env, device)
         try:
             # Graph capture needs the model built on the (non-default) stream it is captured on.
-            with cuda_graph.side_stream(cuda_graph.enabled(args), device):
-                trainer = Trainer(args, env, device)
+            with cuda_graph.side_stream(cfg.execution.cuda_graph, device):
+                trainer = Trainer(cfg, tokenizer, env, device)
                 try:
                     trainer.train()
                 finally:

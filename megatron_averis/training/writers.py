@@ -23,6 +23,8 @@ import re
 import secrets
 import time
 
+from megatron_averis.training.config import LoggingConfig
+
 
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):  # NaN and Inf are not JSON
@@ -120,39 +122,40 @@ def megatron_lm_scalars(event: str, values: dict) -> dict:
 class RunLogger:
     """Fan-out of one run's records; a no-op on ranks other than 0."""
 
-    def __init__(self, args, config_dict: dict, *, enabled: bool, wandb_id: str | None = None):
+    def __init__(self, log: LoggingConfig, config_dict: dict, *, enabled: bool,
+                 wandb_id: str | None = None):
         self.enabled = enabled
-        self.wandb_id = wandb_id or wandb_run_id(args.run_name, new_launch_id())
+        self.wandb_id = wandb_id or wandb_run_id(log.run_name, new_launch_id())
         self.tb = None
         self.wandb_run = None
         self.messages: list[str] = []
         if not enabled:
             return
-        os.makedirs(args.log_dir, exist_ok=True)
-        self.metrics = MetricsFile(os.path.join(args.log_dir, "metrics.jsonl"))
+        os.makedirs(log.log_dir, exist_ok=True)
+        self.metrics = MetricsFile(os.path.join(log.log_dir, "metrics.jsonl"))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=args.tensorboard_dir)
-        mode, message = wandb_status(args.wandb_mode)
+        self.tb = SummaryWriter(log_dir=log.tensorboard_dir)
+        mode, message = wandb_status(log.wandb_mode)
         self.messages.append(message)
         if mode != "disabled":
             import wandb
 
-            save_dir = args.wandb_save_dir or os.path.join(args.log_dir, "wandb")
+            save_dir = log.wandb_save_dir or os.path.join(log.log_dir, "wandb")
             os.makedirs(save_dir, exist_ok=True)
             run_id = self.wandb_id
             self.wandb_run = wandb.init(
-                project=args.wandb_project,
-                entity=args.wandb_entity,
-                group=args.wandb_group or (args.model_preset or "custom"),
-                name=args.wandb_exp_name or args.run_name,
+                project=log.wandb_project,
+                entity=log.wandb_entity,
+                group=log.wandb_group or (log.model_preset or "custom"),
+                name=log.wandb_exp_name or log.run_name,
                 id=run_id,
                 resume="allow",
                 dir=save_dir,
                 mode=mode,
                 config=config_dict,
             )
-            self.messages.append(f"wandb: run {run_id} in project {args.wandb_project!r}, "
+            self.messages.append(f"wandb: run {run_id} in project {log.wandb_project!r}, "
                                  f"files under {save_dir}")
 
     def record(self, event: str, step: int, values: dict, *, scalars: dict | None = None) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from test_arguments import argv, files  # noqa: F401 (fixture)
 
+from megatron_averis.training.config import FaultToleranceConfig
 from megatron_averis.training.divergence import DivergenceGuard, flag_problems
 
 
@@ -14,7 +15,7 @@ def guard_args(**over):
     base = dict(check_for_nan_in_loss_and_grad=True, check_for_spiky_loss=True,
                 spiky_loss_factor=10.0, check_for_large_grads=True, large_grads_factor=5.0,
                 divergence_window=4, divergence_action="skip", max_skipped_steps=2)
-    return SimpleNamespace(**{**base, **over})
+    return FaultToleranceConfig(**{**base, **over})
 
 
 def test_nan_and_inf_are_divergence():
@@ -84,7 +85,7 @@ def test_guarded_step_updates_exactly_like_megatron_cores_step(files, bf16):  # 
 
     from megatron_averis.diagnostics.checkpoint import single_process
     from megatron_averis.training.arguments import finalize_args, parse_args
-    from megatron_averis.training.config import ModelConfig
+    from megatron_averis.training.config import TrainingConfig
     from megatron_averis.training.cpu_compat import cpu_training
     from megatron_averis.training.divergence import guarded_step
     from megatron_averis.training.model import build_model, transformer_config
@@ -93,17 +94,16 @@ def test_guarded_step_updates_exactly_like_megatron_cores_step(files, bf16):  # 
 
     args = finalize_args(parse_args(argv(files, "--model-preset", "tiny", "--seq-length", "32",
                                          "--clip-grad", "0.05", *(["--bf16"] if bf16 else []))), 1)
-    args.vocab_size = args.padded_vocab_size = 128
+    cfg = TrainingConfig.from_args(args, 128)  # padded: 128 already a multiple of 128
     cpu = torch.device("cpu")
     tokens = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(3))
     positions = torch.arange(32).expand(2, -1)
 
     def build():
         seed_everything(args.seed, 0)
-        model_config = ModelConfig.from_args(args)
-        config = transformer_config(model_config, cpu)
-        model = wrap_data_parallel(args, config, build_model(model_config, config, cpu))
-        return model, build_optimizer(args, config, model)
+        config = transformer_config(cfg.model, cpu)
+        model = wrap_data_parallel(cfg, config, build_model(cfg.model, config, cpu))
+        return model, build_optimizer(cfg, config, model)
 
     def backward(model, optimizer):
         model[0].zero_grad_buffer()
@@ -134,8 +134,8 @@ def test_abort_is_logged_under_the_real_step_and_says_what_is_left(monkeypatch):
     from megatron_averis.training.divergence import TrainingDiverged
 
     trainer = loop.Trainer.__new__(loop.Trainer)  # only what _diverged reads
-    trainer.args = SimpleNamespace(save=None, divergence_action="abort", max_skipped_steps=10)
-    trainer.guard = DivergenceGuard(guard_args(divergence_action="abort"))
+    trainer.cfg = SimpleNamespace(checkpoint=SimpleNamespace(save=None))
+    trainer.guard = DivergenceGuard(guard_args(divergence_action="abort", max_skipped_steps=10))
     records = []
     trainer.logger = SimpleNamespace(record=lambda event, step, values: records.append(
         (event, step, values)))

@@ -5,6 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_averis.training.arguments import schedule_in_samples
+from megatron_averis.training.config import OptimizerConfig, ScheduleConfig
 from megatron_averis.training.optim import build_scheduler
 
 GBS = 8
@@ -16,7 +18,14 @@ def lr_per_iteration(**flags):
                     lr_warmup_fraction=None)
     args = SimpleNamespace(**{**defaults, **flags})
     optimizer = SimpleNamespace(param_groups=[{"params": []}])
-    sched = build_scheduler(args, optimizer)
+    adam = OptimizerConfig(lr=args.lr, min_lr=args.min_lr, decoupled_lr=None, decoupled_min_lr=None,
+                           weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.999,
+                           adam_eps=1e-8, clip_grad=1.0)
+    schedule = ScheduleConfig(lr_warmup_init=args.lr_warmup_init,
+                              lr_decay_style=args.lr_decay_style,
+                              lr_wsd_decay_style=args.lr_wsd_decay_style,
+                              lr_schedule_samples=schedule_in_samples(args))
+    sched = build_scheduler(adam, schedule, optimizer)
     lrs = []
     for _ in range(args.train_iters):
         lrs.append(optimizer.param_groups[0]["lr"])  # what the optimizer step of this iteration uses

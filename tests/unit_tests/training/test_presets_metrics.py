@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_averis.training import metrics, writers
+from megatron_averis.training.config import LoggingConfig
 from megatron_averis.training.presets import (PRESETS, matmul_flops_per_token, padded_vocab_size,
                                               parameter_counts, training_flops_per_iteration)
 
@@ -79,10 +80,11 @@ def test_wandb_absent_message(monkeypatch):
 
 
 def _logger(tmp_path, mode):
-    args = SimpleNamespace(log_dir=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"), wandb_mode=mode,
-                           wandb_project="megatron-averis", wandb_group=None, wandb_exp_name=None,
-                           wandb_save_dir=None, model_preset="tiny", run_name="tiny-averis",
-                           wandb_entity=None)
+    args = LoggingConfig(log_interval=1, peak_tflops=None, ignored_flags=(),
+                         log_dir=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"), wandb_mode=mode,
+                         wandb_project="megatron-averis", wandb_group=None, wandb_exp_name=None,
+                         wandb_save_dir=None, model_preset="tiny", run_name="tiny-averis",
+                         wandb_entity=None)
     return writers.RunLogger(args, {"seed": 1}, enabled=True)
 
 
@@ -179,10 +181,11 @@ def test_wandb_run_ids_per_launch_and_megatron_lm_names(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda n, *a: object() if n == "wandb" else real(n, *a))
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    args = SimpleNamespace(log_dir=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"),
-                           wandb_mode="offline", wandb_project="p", wandb_group=None,
-                           wandb_exp_name=None, wandb_save_dir=None, model_preset="tiny",
-                           run_name="tiny averis/1", wandb_entity="team")
+    args = LoggingConfig(log_interval=1, peak_tflops=None, ignored_flags=(),
+                         log_dir=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"),
+                         wandb_mode="offline", wandb_project="p", wandb_group=None,
+                         wandb_exp_name=None, wandb_save_dir=None, model_preset="tiny",
+                         run_name="tiny averis/1", wandb_entity="team")
     ids = set()
     for _ in range(2):  # two launches into the same directory: two runs
         log = writers.RunLogger(args, {}, enabled=True)
