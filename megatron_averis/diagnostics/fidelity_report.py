@@ -19,6 +19,7 @@ import numpy as np
 
 from megatron_averis.data.atomic import remove_quietly, temp_path
 from megatron_averis.diagnostics.mean_bias import ORIENTATIONS
+from megatron_averis.training.writers import read_records
 
 LINEAR_ORDER = ("qkv", "proj", "fc1", "fc2")
 # total: every parameter; layers: every transformer layer's (the total without embedding, output
@@ -65,16 +66,7 @@ def read_jsonl(path: str) -> list[dict]:
     """Records of a JSONL written by this tool (or its .partial file of an interrupted run)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no file {path!r}")
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    records = []
-    for n, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break  # a last line cut off by an interrupted run
-            raise ValueError(f"{path}:{n} is not a JSON record") from None
+    records = read_records(path, kind="gradient_fidelity JSONL")
     if not any(r.get("record") == "gradient" for r in records):
         raise ValueError(f"{path} holds no gradient records; is it a gradient_fidelity JSONL?")
     return records

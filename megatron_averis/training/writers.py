@@ -32,9 +32,9 @@ def _jsonable(value):
     return value
 
 
-def read_records(path: str) -> list[dict]:
-    """The records of a metrics.jsonl. A last line cut off by a crash mid-write is dropped; any
-    other line that is not a JSON record is an error naming it."""
+def read_records(path: str, kind: str = "trainer metrics.jsonl") -> list[dict]:
+    """The records of a JSONL file (a metrics.jsonl, or `kind`). A last line cut off by a crash
+    mid-write is dropped; any other line that is not a JSON record is an error naming it."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     records = []
@@ -46,8 +46,7 @@ def read_records(path: str) -> list[dict]:
         except json.JSONDecodeError as e:
             if n == len(lines):
                 break
-            raise ValueError(f"{path}:{n}: not a JSON record ({e}); is this a trainer "
-                             "metrics.jsonl?") from None
+            raise ValueError(f"{path}:{n}: not a JSON record ({e}); is this a {kind}?") from None
     return records
 
 
