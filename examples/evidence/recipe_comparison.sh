@@ -20,7 +20,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 RECIPES=${RECIPES:-bf16 nvfp4-plain nvfp4-nohadamard nvfp4 averis averis-rht averis-paper}
 SEEDS=${SEEDS:-1 2 3}
 GPUS=${GPUS:-0}
-PER_GPU=${PER_GPU:-7}
+PER_GPU=${PER_GPU:-3}  # three qwen3-25m runs at micro-batch 32 kept one H200 busy (65 GiB)
 DEADLINE_MIN=${DEADLINE_MIN:-1000000}
 STUDY_DIR=${STUDY_DIR:-runs/study}
 

@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        device = ckpt.resolve_device(a.device)
         require_matplotlib()
         with ckpt.single_process():
             if a.all_checkpoints:
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
             tokens = batch_tokens(a.data_prefix or data_prefix(cfg),
                                   a.batch_size or cfg["micro_batch_size"],
                                   a.seq_length or cfg["seq_length"])
-            rows = analyze(infos, tokens, grads=a.grads, recipe=a.recipe, device=a.device,
+            rows = analyze(infos, tokens, grads=a.grads, recipe=a.recipe, device=device,
                            topk_fraction=a.topk_fraction)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         print(f"analyze_mean_bias: {e}", file=sys.stderr)

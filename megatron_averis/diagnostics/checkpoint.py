@@ -19,6 +19,20 @@ from megatron_averis.recipes import OperandRecipe, Recipe, get_recipe
 from megatron_averis.training import checkpoint_integrity as integrity
 
 
+def resolve_device(name: str) -> torch.device:
+    """The --device of a diagnostics tool, refused before any work when this process cannot run
+    the model there. A CPU model in a process that sees CUDA does not work: megatron-core's RoPE
+    moves its frequency table to the current CUDA device on first use."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but CUDA is not available; pass --device cpu")
+    if device.type == "cpu" and torch.cuda.is_available():
+        raise RuntimeError("--device cpu in a process that sees CUDA devices: megatron-core's RoPE "
+                           "would move its tables to the GPU. Hide the GPUs for a CPU run "
+                           "(CUDA_VISIBLE_DEVICES= python3 ...) or pass --device cuda")
+    return device
+
+
 @contextlib.contextmanager
 def single_process():
     """torch.distributed (gloo, world size 1, file rendezvous) and megatron-core's parallel state

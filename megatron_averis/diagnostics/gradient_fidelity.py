@@ -338,9 +338,7 @@ def _prepare(a) -> tuple[Settings, list, torch.Tensor, dict]:
     if operand_recipes - set(recipes):
         raise ValueError(f"--operand-recipes {sorted(operand_recipes - set(recipes))} are not "
                          f"among --recipes {recipes}")
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but CUDA is not available; pass --device cpu")
+    device = ckpt.resolve_device(a.device)
     infos = select_checkpoints(a.load, a.steps)
     cfg = infos[-1].config
     seq = a.seq_length or cfg["seq_length"]

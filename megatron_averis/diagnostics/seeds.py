@@ -189,3 +189,84 @@ def _mean_std(vals: np.ndarray, spec: str, std_spec: str = ".4f") -> str:
         return format(float(vals[0]), spec)
     return (f"{format(float(vals.mean()), spec)} ± {format(float(vals.std(ddof=1)), std_spec)} "
             f"[{format(float(vals.min()), spec)}, {format(float(vals.max()), spec)}]")
+
+
+def same_seed_gap(run: Curve, base: Curve) -> Curve:
+    """(L − L_base) / L_base at the run's steps within the baseline's range (L_base interpolated
+    linearly where the baseline did not log that step)."""
+    if len(run) == 0 or len(base) == 0:
+        return Curve(np.zeros(0, np.int64), np.zeros(0))
+    sel = (run.steps >= base.steps[0]) & (run.steps <= base.steps[-1])
+    b = np.interp(run.steps[sel], base.steps, base.values)
+    return Curve(run.steps[sel], (run.values[sel] - b) / b)
+
+
+def band_over_seeds(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, min, max) over the seeds' curves at the steps every one of them has."""
+    steps = curves[0].steps
+    for c in curves[1:]:
+        steps = np.intersect1d(steps, c.steps)
+    vals = np.stack([c.values[np.searchsorted(c.steps, steps)] for c in curves])
+    return steps, vals.mean(axis=0), vals.min(axis=0), vals.max(axis=0)
+
+
+def plot_seed_study(runs: list[Run], baseline: str, pairs: list[tuple[str, str]], path: str) -> None:
+    """Three panels, each a mean over seeds with its min–max band: the train-loss gap of every
+    recipe to the same seed's baseline (per-seed EMA, as compare_runs smooths), the paired
+    differences d(step) of `pairs`, and the validation gap at every evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_averis.diagnostics.compare import auto_smoothing, ema
+
+    by_key = {run_key(r): r for r in runs}
+    recipes = sorted({k[0] for k in by_key})
+
+    def gaps(a: str, b: str, split: str) -> list[Curve]:
+        out = []
+        for (recipe, seed), run in sorted(by_key.items()):
+            if recipe == a and (b, seed) in by_key:
+                g = same_seed_gap(run.curve(split), by_key[(b, seed)].curve(split))
+                if len(g):
+                    w = auto_smoothing(len(g)) if split == "train" else 0.0
+                    out.append(Curve(g.steps, 100 * ema(g.values, w)))
+        return out
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    panels = [(axes[0], [(r, baseline) for r in recipes if r != baseline], "train",
+               f"train-loss gap to the same seed's {baseline} (EMA), mean and min–max over seeds"),
+              (axes[1], pairs, "train", "paired difference d = (L_A − L_B) / L_B (EMA, same seed)"),
+              (axes[2], [(r, baseline) for r in recipes if r != baseline], "valid",
+               f"validation gap to the same seed's {baseline}")]
+    means: dict[object, list[np.ndarray]] = {ax: [] for ax in axes}
+    for ax, comparisons, split, title in panels:
+        for i, (a, b) in enumerate(comparisons):
+            curves = gaps(a, b, split)
+            if not curves:
+                continue
+            steps, mean, lo, hi = band_over_seeds(curves)
+            color = colors[i % len(colors)]
+            label = f"{a} vs {b} ({len(curves)} seeds)" if ax is axes[1] else f"{a} ({len(curves)})"
+            marker = "o" if split == "valid" else None
+            ax.plot(steps, mean, color=color, linewidth=1.8, marker=marker, markersize=3, label=label)
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
+            means[ax].append(mean[len(mean) // 10:])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    # The first steps' gaps swing by several % while the losses fall fast: show the rest.
+    for ax in axes[:2]:
+        vals = np.concatenate(means[ax]) if means[ax] else np.zeros(0)
+        if vals.size:
+            pad = 0.3 * (vals.max() - vals.min() or 1.0)
+            ax.set_ylim(vals.min() - pad, vals.max() + pad)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -255,9 +255,9 @@ def main(argv=None) -> int:
                 json.dump({"chosen": choice, "models": stats}, f, indent=1)
         print(choice)
         return 0
-    from megatron_averis.diagnostics.compare import plot, require_matplotlib
+    from megatron_averis.diagnostics.compare import require_matplotlib
     from megatron_averis.diagnostics.runs import load_run
-    from megatron_averis.diagnostics.seeds import summary_markdown
+    from megatron_averis.diagnostics.seeds import plot_seed_study, summary_markdown
 
     runs = [load_run(d) for d in _run_dirs(a.runs)]
     if a.model:
@@ -271,8 +271,7 @@ def main(argv=None) -> int:
         with open(a.out + ".md", "w", encoding="utf-8") as f:
             f.write(text)
         require_matplotlib()
-        base = next((r.label for r in runs if r.info.get("recipe") == a.baseline), runs[0].label)
-        plot(runs, base, a.out + ".png", smoothing=0.0, title=None)
+        plot_seed_study(runs, a.baseline, a.pairs, a.out + ".png")
     return 0
 
 

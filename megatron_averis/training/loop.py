@@ -50,14 +50,21 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:,.2f}M"
 
 
-def _git_commit() -> str | None:
+def _git(*argv: str) -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", *argv], cwd=here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state() -> dict:
+    """The code a run used: HEAD's commit and whether tracked files differ from it (a run made
+    from uncommitted changes is not reproducible from the commit alone); None outside git."""
+    commit = _git("rev-parse", "HEAD") or None
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def run_config(cfg: TrainingConfig, tokenizer) -> dict:
@@ -69,7 +76,7 @@ def run_config(cfg: TrainingConfig, tokenizer) -> dict:
     out["world_size"] = torch.distributed.get_world_size()
     out["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
                        "megatron_core": megatron.core.__version__}
-    out["git_commit"] = _git_commit()
+    out.update(git_state())
     return json.loads(json.dumps(out, default=str))
 
 

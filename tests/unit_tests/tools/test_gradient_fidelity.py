@@ -248,6 +248,17 @@ def test_bad_inputs_fail_before_work(tiny_runs, tmp_path, capsys, args, message)
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize("cuda_visible, device, message", [
+    (True, "cpu", "CUDA_VISIBLE_DEVICES="), (False, "cuda", "pass --device cpu")])
+def test_device_the_process_cannot_serve(tiny_runs, tmp_path, capsys, monkeypatch, cuda_visible,
+                                         device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_visible)
+    out = tmp_path / "x"
+    assert gf.main(["--load", tiny_runs["averis"], "--device", device, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_missing_checkpoint(tmp_path, capsys):
     assert gf.main(["--load", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -278,12 +289,14 @@ def test_on_cuda(tiny_runs, tmp_path):
     run gives, the BF16 recipe against itself (near) exact."""
     _, cuda = _run(tmp_path, "cuda", "--load", tiny_runs["averis"], "--device", "cuda",
                    "--recipes", "bf16", "nvfp4", "averis")
-    # The CPU figures from a process of their own: one process serves one device (a process
-    # that ran the model on CUDA keeps CUDA state that a CPU model then meets).
+    # The CPU figures from a process that sees no GPU (resolve_device refuses a CPU model in a
+    # process with CUDA: megatron-core's RoPE would move its tables to the GPU).
     out = str(tmp_path / "cpu")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gradient_fidelity.py"), "--load",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gradient_fidelity.py"), "--load",
                     tiny_runs["averis"], "--device", "cpu", "--recipes", "bf16", "nvfp4", "averis",
-                    "--out", out], check=True, capture_output=True)
+                    "--out", out], capture_output=True, text=True,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out + ".jsonl", encoding="utf-8") as f:
         cpu = [json.loads(line) for line in f]
     assert cuda[0]["device"] == "cuda" and cuda[0]["dtype"] == "bf16"

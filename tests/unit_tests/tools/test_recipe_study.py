@@ -10,8 +10,21 @@ import numpy as np
 import pytest
 
 from megatron_averis.diagnostics.runs import Curve, Run, load_run
-from megatron_averis.diagnostics.seeds import (betainc, by_recipe_and_seed, paired, summary_markdown,
-                                               t_two_sided_p)
+from megatron_averis.diagnostics.seeds import (band_over_seeds, betainc, by_recipe_and_seed, paired,
+                                               same_seed_gap, summary_markdown, t_two_sided_p)
+
+
+def test_same_seed_gap_and_band_against_loops():
+    base = Curve(np.array([1, 3, 5]), np.array([4.0, 3.0, 2.0]))
+    run = Curve(np.array([0, 1, 2, 3, 6]), np.array([9.0, 4.4, 3.3, 3.3, 1.0]))
+    gap = same_seed_gap(run, base)  # step 0 and 6 lie outside the baseline's range
+    assert gap.steps.tolist() == [1, 2, 3]
+    assert gap.values == pytest.approx([0.4 / 4.0, 3.3 / 3.5 - 1, 0.3 / 3.0], rel=1e-12)
+    a = Curve(np.array([1, 2, 3, 4]), np.array([1.0, 2.0, 3.0, 4.0]))
+    b = Curve(np.array([2, 4, 6]), np.array([6.0, 0.0, 9.0]))
+    steps, mean, lo, hi = band_over_seeds([a, b])
+    assert steps.tolist() == [2, 4]
+    assert mean.tolist() == [4.0, 2.0] and lo.tolist() == [2.0, 0.0] and hi.tolist() == [6.0, 4.0]
 
 
 @pytest.mark.parametrize("t", [0.1, 0.8, 2.0, 5.0, 40.0])

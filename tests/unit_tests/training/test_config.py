@@ -87,3 +87,16 @@ def test_model_config_is_the_model_section(tmp_path):
     args = finalize_args(parse_args(stored_command(tmp_path)), 1)
     config = TrainingConfig.from_args(args, 1000)
     assert isinstance(config.model, ModelConfig) and config.model.padded_vocab_size == 1187  # 1000 up to a multiple of 1187
+
+
+def test_git_state_names_the_checkout_and_its_uncommitted_changes():
+    import subprocess
+
+    from megatron_averis.training.loop import git_state
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode:
+        pytest.skip("not a git checkout")
+    clean = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode == 0
+    assert git_state() == {"git_commit": head.stdout.strip(), "git_dirty": not clean}
