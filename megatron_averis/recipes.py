@@ -357,11 +357,15 @@ def check_linear_shape(recipe: Recipe, in_features: int, out_features: int, wher
         raise RecipeError(f"{where}: the Hadamard transform needs reduction dimensions divisible by 16")
 
 
+def wgrad_token_multiple(recipe: Recipe) -> int:
+    """wgrad reduces over tokens: its operands' blocks (and RHT) run along tokens in this many."""
+    m = recipe.reduction_multiple("wgrad")
+    return max(m, 16) if recipe.rht("wgrad") else m
+
+
 def check_token_count(recipe: Recipe, tokens: int, where: str = "linear") -> None:
     """wgrad reduces over tokens: the token count must split into whole blocks."""
-    m = recipe.reduction_multiple("wgrad")
-    if recipe.rht("wgrad"):
-        m = max(m, 16)
+    m = wgrad_token_multiple(recipe)
     if tokens % m:
         raise RecipeError(
             f"{where}: {tokens} tokens per GEMM is not a multiple of {m}, the wgrad block along tokens "
@@ -382,4 +386,5 @@ __all__ = [
     "apply_overrides",
     "check_linear_shape",
     "check_token_count",
+    "wgrad_token_multiple",
 ]

@@ -3,7 +3,8 @@
 - factories.py: the qfactory callables (presets averis, averis_rht, nvfp4, nvfp4_nohadamard, nvfp4_plain, and the
   trainer's `configured` recipe) for CustomRecipe / Megatron-LM's --fp4-quantizer-factory;
 - roles.py: TE quantizer roles -> our GEMM operands;
-- core.py: quantization and GEMMs through our numerics (no TE needed);
+- core.py: the GEMMs through our numerics (no TE needed); operands come from the linear
+  layer's per-role quantizer, megatron_averis.linear.operands;
 - quantizer.py: TE's Quantizer / QuantizedTensorStorage subclasses (needs TE);
 - binding.py, stats.py: per-layer context, TP layout, sequence-parallel shard detection;
 - native.py: Blackwell's native NVFP4 GEMM for the residual product;

@@ -18,6 +18,7 @@ import torch
 from transformer_engine.common.recipe import CustomRecipe
 from transformer_engine.pytorch.quantized_tensor import QuantizedTensorStorage, Quantizer
 
+from megatron_averis.linear.operands import OperandPair, quantize_tensor
 from megatron_averis.te import core, native
 from megatron_averis.te.binding import LayerState
 from megatron_averis.te.stats import holds_shard
@@ -33,9 +34,9 @@ def _fields(op):
 
 
 class AverisTensorStorage(QuantizedTensorStorage):
-    """The GEMM operands of one tensor: `pair.rowwise` / `pair.columnwise` (core.OperandPair)."""
+    """The GEMM operands of one tensor: `pair.rowwise` / `pair.columnwise` (linear.operands.OperandPair)."""
 
-    def __init__(self, pair: core.OperandPair, original_shape, dtype: torch.dtype, quantizer):
+    def __init__(self, pair: OperandPair, original_shape, dtype: torch.dtype, quantizer):
         self.pair = pair
         self.original_shape = tuple(original_shape)
         self._dtype = dtype
@@ -100,10 +101,10 @@ class AverisTensorStorage(QuantizedTensorStorage):
         return tensors
 
     def clear(self):
-        self.pair = core.OperandPair(None, None)
+        self.pair = OperandPair(None, None)
 
     def copy_from_storage(self, src: "AverisTensorStorage") -> None:
-        self.pair = core.OperandPair(src.pair.rowwise, src.pair.columnwise)
+        self.pair = OperandPair(src.pair.rowwise, src.pair.columnwise)
         self.original_shape, self._dtype = src.original_shape, src._dtype
 
     def dequantize(self, *, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -142,15 +143,15 @@ class AverisQuantizer(Quantizer):
     def copy(self) -> "AverisQuantizer":
         return copy.copy(self)  # shares the layer state (context and call counters)
 
-    def _token_layout(self, x2d: torch.Tensor) -> tuple[bool, int]:
+    def _tokens_sharded(self, x2d: torch.Tensor) -> bool:
         group = self.amax_reduction_group if self.with_amax_reduction else None
         if self.kind == "weight" or group is None or not holds_shard(x2d, group):
-            return False, 0
+            return False
         comm = self.state.ctx.comm
         if comm.group is None or comm.world != torch.distributed.get_world_size(group):
             raise RuntimeError("TE quantizes a sequence-parallel shard over a group that is not "
                                "this layer's tensor-parallel group")
-        return True, comm.rank * x2d.shape[0]
+        return True
 
     def quantize(self, tensor: torch.Tensor, *, out=None, dtype=None, **_) -> AverisTensorStorage:
         if out is not None:
@@ -158,7 +159,7 @@ class AverisQuantizer(Quantizer):
         shape = tuple(tensor.shape)
         x2d = tensor.reshape(-1, shape[-1])
         try:
-            sharded, offset = self._token_layout(x2d)
+            sharded = self._tokens_sharded(x2d)
             row, col = self.rowwise_usage, self.columnwise_usage
             if not (row or col):
                 raise RuntimeError("quantize called with neither rowwise nor columnwise usage")
@@ -166,9 +167,8 @@ class AverisQuantizer(Quantizer):
             row_call = self.state.next_call(self.kind, "row") if row or self.kind == "weight" else 0
             col_call = (row_call if self.kind == "weight"
                         else self.state.next_call(self.kind, "col") if col else 0)
-            pair = core.quantize(self.state.ctx, self.kind, x2d, rowwise=row, columnwise=col,
-                                 row_call=row_call, col_call=col_call, tokens_sharded=sharded,
-                                 token_offset=offset)
+            pair = quantize_tensor(self.state.ctx, self.kind, x2d, rowwise=row, columnwise=col,
+                                   row_call=row_call, col_call=col_call, tokens_sharded=sharded)
         finally:
             # As TE's Quantizer.quantize: the group never outlives the call it was set for.
             self.with_amax_reduction, self.amax_reduction_group = False, None

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_averis.linear.operands import TENSOR_ROLES
+
 LINEAR_MODULES = ("linear",)
 UNSUPPORTED_MODULES = ("grouped_linear",)
-KINDS = {
-    "input": ("fprop_input", "wgrad_input"),
-    "weight": ("fprop_weight", "dgrad_weight"),
-    "grad_output": ("dgrad_grad", "wgrad_grad"),
-}
+KINDS = TENSOR_ROLES  # TE's tensor types are the linear layer's tensor names
 
 
 @dataclass(frozen=True)

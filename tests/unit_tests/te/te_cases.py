@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from megatron_averis.linear.comm import TPComm
 from megatron_averis.linear.function import LinearContext
+from megatron_averis.linear.operands import quantize_tensor
 from megatron_averis.recipes import get_recipe
 from megatron_averis.te import core
 from megatron_averis.te.stats import holds_shard
@@ -24,14 +25,13 @@ def shard_worker(rank, world, x_full, kind):
     ctx = LinearContext(recipe=get_recipe(SHARD_RECIPE[0], SHARD_RECIPE[1]),
                         mode="column" if kind == "input" else "row", comm=TPComm(group),
                         sequence_parallel=True, stream_id=7)
-    pair = core.quantize(ctx, kind, shard, rowwise=True, columnwise=True, row_call=1, col_call=1,
-                         tokens_sharded=True, token_offset=rank * t)
+    pair = quantize_tensor(ctx, kind, shard, row_call=1, tokens_sharded=True)
     return flags, pair.rowwise.dequantize(), pair.columnwise.dequantize()
 
 
 def full_operands(x_full, kind):
     ctx = LinearContext(recipe=get_recipe(SHARD_RECIPE[0], SHARD_RECIPE[1]), stream_id=7)
-    pair = core.quantize(ctx, kind, x_full, rowwise=True, columnwise=True, row_call=1, col_call=1)
+    pair = quantize_tensor(ctx, kind, x_full, row_call=1)
     return pair.rowwise.dequantize(), pair.columnwise.dequantize()
 
 

@@ -8,6 +8,7 @@ import torch
 
 from megatron_averis.linear import QuantizedLinear
 from megatron_averis.linear.function import LinearContext
+from megatron_averis.linear.operands import OperandPair, quantize_tensor
 from megatron_averis.recipes import get_recipe
 from megatron_averis.te import core, factories, native
 from megatron_averis.te.availability import TransformerEngineMissing, require_te, te_installed
@@ -113,7 +114,7 @@ def test_native_gemm_switch(monkeypatch):
     with pytest.raises(ValueError, match="emulated"):
         native.mode()
     monkeypatch.setenv(native.SWITCH, "auto")
-    op = core.quantize(LinearContext(recipe=get_recipe("nvfp4-plain")), "input", torch.randn(32, 64),
+    op = quantize_tensor(LinearContext(recipe=get_recipe("nvfp4-plain")), "input", torch.randn(32, 64),
                        rowwise=True, columnwise=False, row_call=1, col_call=1).rowwise
     assert native.product_for(op, op) is None  # CPU: the emulated product
     monkeypatch.setenv(native.SWITCH, "native")
@@ -122,18 +123,18 @@ def test_native_gemm_switch(monkeypatch):
 
 
 def _te_call_pattern(recipe, stream, x, weight, g, call, split_input: bool):
-    """core's operands and GEMMs in the order TE's Linear asks for them. split_input: the
+    """The per-role quantizer's operands and core's GEMMs in the order TE's Linear asks for them. split_input: the
     input's usages in two calls (TE's column-parallel sequence-parallel pattern)."""
     ctx = LinearContext(recipe=recipe, stream_id=stream)
     q = dict(row_call=call, col_call=call)
     if split_input:
-        row = core.quantize(ctx, "input", x, rowwise=True, columnwise=False, **q).rowwise
-        col = core.quantize(ctx, "input", x, rowwise=False, columnwise=True, **q).columnwise
-        xp = core.OperandPair(row, col)
+        row = quantize_tensor(ctx, "input", x, rowwise=True, columnwise=False, **q).rowwise
+        col = quantize_tensor(ctx, "input", x, rowwise=False, columnwise=True, **q).columnwise
+        xp = OperandPair(row, col)
     else:
-        xp = core.quantize(ctx, "input", x, rowwise=True, columnwise=True, **q)
-    wp = core.quantize(ctx, "weight", weight, rowwise=True, columnwise=True, **q)
-    gp = core.quantize(ctx, "grad_output", g, rowwise=True, columnwise=True, **q)
+        xp = quantize_tensor(ctx, "input", x, rowwise=True, columnwise=True, **q)
+    wp = quantize_tensor(ctx, "weight", weight, rowwise=True, columnwise=True, **q)
+    gp = quantize_tensor(ctx, "grad_output", g, rowwise=True, columnwise=True, **q)
     outs = (core.gemm("fprop", xp, wp, torch.bfloat16), core.gemm("dgrad", gp, wp, torch.bfloat16),
             core.gemm("wgrad", gp, xp, torch.bfloat16))
     ops = dict(zip(ROLES, (xp.rowwise, xp.columnwise, gp.rowwise, gp.columnwise, wp.rowwise,
