@@ -3,21 +3,24 @@ CPU/gloo and GPU/NCCL equivalence tests)."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
 from megatron_averis.linear import LinearContext, TPComm, quantized_linear
+from megatron_averis.linear.saved import SavedBytes
 from megatron_averis.recipes import get_recipe
 
 T, K, N = 64, 64, 64
 STREAM = 7
 
 
-def full_tensors(seed=0):
+def full_tensors(seed=0, t=T):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, K, generator=g) + 3 * torch.randn(K, generator=g)
+    x = torch.randn(t, K, generator=g) + 3 * torch.randn(K, generator=g)
     w = torch.randn(N, K, generator=g) * K**-0.5
-    gy = (torch.randn(T, N, generator=g) + 2 * torch.randn(N, generator=g)) * 1e-2
+    gy = (torch.randn(t, N, generator=g) + 2 * torch.randn(N, generator=g)) * 1e-2
     return x, w, gy
 
 
@@ -27,27 +30,33 @@ def _record(store):
     return observer
 
 
-def run_linear(recipe_name, mode, comm, shard, device, gather_quantized=True):
-    """Forward + backward of one layer; `shard` maps the full tensors to this rank's parts."""
-    x, w, gy = (t.to(device) for t in shard(*full_tensors()))
+def run_linear(recipe_name, mode, comm, shard, device, gather_quantized=True, t=T,
+               dtype=torch.float32, after_forward=None):
+    """Forward + backward of one layer; `shard` maps the full tensors to this rank's parts.
+    Also returns the bytes saved for backward (linear.saved.SavedBytes) and what
+    `after_forward()` returns when called between forward and backward."""
+    x, w, gy = (v.to(device, dtype) for v in shard(*full_tensors(t=t)))
     ops: dict = {}
     ctx = LinearContext(recipe=get_recipe(recipe_name), mode=mode, comm=comm,
                         sequence_parallel=mode != "none", gather_quantized=gather_quantized,
                         stream_id=STREAM, observer=_record(ops))
     x = x.clone().requires_grad_()
     w = w.clone().requires_grad_()
-    y = quantized_linear(x, w, None, ctx)
+    with SavedBytes(exclude=[w]) as saved:
+        y = quantized_linear(x, w, None, ctx)
+    between = after_forward() if after_forward is not None else None
     y.backward(gy)
-    return {"y": y.detach().cpu(), "dx": x.grad.cpu(), "dw": w.grad.cpu(), "ops": ops}
+    return {"y": y.detach().cpu(), "dx": x.grad.cpu(), "dw": w.grad.cpu(), "ops": ops,
+            "saved_bytes": saved.total, "after_forward": between}
 
 
-def column_shard(rank, world):
-    tn, nn = T // world, N // world
+def column_shard(rank, world, t=T):
+    tn, nn = t // world, N // world
     return lambda x, w, gy: (x[rank * tn:(rank + 1) * tn], w[rank * nn:(rank + 1) * nn], gy[:, rank * nn:(rank + 1) * nn])
 
 
-def row_shard(rank, world):
-    tn, kn = T // world, K // world
+def row_shard(rank, world, t=T):
+    tn, kn = t // world, K // world
     return lambda x, w, gy: (x[:, rank * kn:(rank + 1) * kn], w[:, rank * kn:(rank + 1) * kn], gy[rank * tn:(rank + 1) * tn])
 
 
@@ -62,9 +71,9 @@ def tp_worker(rank, world, cases, device_type):
     return out
 
 
-def reference_slices(mode, rank, world):
+def reference_slices(mode, rank, world, t=T):
     """For each result / operand role: the slice of the single-device result this rank holds."""
-    tn, kn, nn = T // world, K // world, N // world
+    tn, kn, nn = t // world, K // world, N // world
     full = slice(None)
     if mode == "column":
         rows_t, cols_n = slice(rank * tn, (rank + 1) * tn), slice(rank * nn, (rank + 1) * nn)
@@ -77,3 +86,33 @@ def reference_slices(mode, rank, world):
             "fprop_input": (full, cols_k), "fprop_weight": (full, cols_k),
             "dgrad_grad": (full, full), "dgrad_weight": (cols_k, full),
             "wgrad_grad": (full, full), "wgrad_input": (cols_k, full)}
+
+
+class GatherCountingComm(TPComm):
+    """TPComm that counts the bytes this rank contributes to all-gathers."""
+
+    def __init__(self, group):
+        super().__init__(group)
+        self.gathered = 0
+
+    def gather(self, t, dim=0):
+        self.gathered += t.numel() * t.element_size()
+        return super().gather(t, dim)
+
+
+def saved_bytes_worker(rank, world, cases):
+    """Per (recipe, mode, tokens): this rank's results (run_linear), the bytes it
+    all-gathered in forward and in backward, and the warnings it raised."""
+    out = {}
+    for recipe_name, mode, t in cases:
+        comm = GatherCountingComm(dist.group.WORLD)
+        shard = (column_shard if mode == "column" else row_shard)(rank, world, t)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = run_linear(recipe_name, mode, comm, shard, torch.device("cpu"), t=t,
+                             after_forward=lambda: comm.gathered)
+        res["gathered_forward"] = res.pop("after_forward")
+        res["gathered_backward"] = comm.gathered - res["gathered_forward"]
+        res["warnings"] = [str(w.message) for w in caught]
+        out[(recipe_name, mode, t)] = res
+    return out
