@@ -1,6 +1,11 @@
-"""Forward+backward time of one quantized linear per recipe, as a ratio to BF16 (one run).
+"""One quantized linear per recipe: forward+backward time as a ratio to BF16 (CUDA), and the bytes
+its forward keeps for backward (every device).
 
-    python benchmarks/linear_step.py [--tokens 8192 --in 1024 --out 3072]
+    python benchmarks/linear_step.py [--tokens 8192 --in 1024 --out 3072] [--device cpu]
+
+Saved for backward: linear.saved.SavedBytes around one forward (saved_tensors_hooks, each storage
+once, the layer's parameters excluded): BF16 keeps X [tokens, in]; the FP4 recipes keep X's
+packed wgrad operand and W's packed dgrad operand (codes, block scales, tensor scale, μ̂).
 """
 
 from __future__ import annotations
@@ -10,11 +15,17 @@ import argparse
 import torch
 
 from megatron_averis.linear import QuantizedLinear
+from megatron_averis.linear.saved import SavedBytes
 from megatron_averis.recipes import PRESETS
 
 
-def step_time(recipe, x, gy, k, n, iters):
-    layer = QuantizedLinear(k, n, bias=False, recipe=recipe, device=x.device)
+def saved_bytes(layer, x) -> int:
+    with SavedBytes(exclude=list(layer.parameters())) as saved:
+        layer(x.clone().requires_grad_())
+    return saved.total
+
+
+def step_time(layer, x, gy, iters):
     xi = x.clone().requires_grad_()
 
     def step():
@@ -38,16 +49,28 @@ def main():
     p.add_argument("--in", dest="k", type=int, default=1024)
     p.add_argument("--out", dest="n", type=int, default=3072)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda: times and bytes; cpu: bytes only")
     a = p.parse_args()
-    x = torch.randn(a.tokens, a.k, device="cuda", dtype=torch.bfloat16)
-    gy = torch.randn(a.tokens, a.n, device="cuda", dtype=torch.bfloat16)
-    print(f"# {torch.cuda.get_device_name()}: linear fwd+bwd [{a.tokens} x {a.k}] -> {a.n}")
-    print("| recipe | ms | ratio to bf16 |\n|---|---|---|")
-    base = None
+    device = torch.device(a.device)
+    timed = device.type == "cuda"
+    x = torch.randn(a.tokens, a.k, device=device, dtype=torch.bfloat16)
+    gy = torch.randn(a.tokens, a.n, device=device, dtype=torch.bfloat16)
+    name = torch.cuda.get_device_name(device) if timed else "CPU"
+    print(f"# {name}: linear fwd+bwd [{a.tokens} x {a.k}] -> {a.n}")
+    print("| recipe | ms | ratio to bf16 | saved for backward MiB | ratio to bf16 |\n"
+          "|---|---|---|---|---|")
+    base_t = base_b = None
     for recipe in PRESETS:
-        t = step_time(recipe, x, gy, a.k, a.n, a.iters)
-        base = base or t
-        print(f"| {recipe} | {t:.3f} | {t / base:.2f} |")
+        layer = QuantizedLinear(a.k, a.n, bias=False, recipe=recipe, device=device)
+        b = saved_bytes(layer, x)
+        base_b = base_b or b
+        cells = "– | –"
+        if timed:
+            t = step_time(layer, x, gy, a.iters)
+            base_t = base_t or t
+            cells = f"{t:.3f} | {t / base_t:.2f}"
+        print(f"| {recipe} | {cells} | {b / 2**20:.2f} | {b / base_b:.4f} |")
 
 
 if __name__ == "__main__":

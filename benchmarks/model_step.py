@@ -27,6 +27,11 @@ What the table reports, per recipe:
   FP4 operands kept for dgrad/wgrad, the per-token losses. Without pipelining, megatron-core runs
   each micro-batch's backward before the next forward, so this is the largest over micro-batches.
   Memory fields are CUDA-only: None on CPU (torch does not count CPU allocations).
+- saved for backward: the bytes autograd keeps for backward from the model's forward of a
+  micro-batch (linear.saved.SavedBytes: torch.autograd.graph.saved_tensors_hooks, each storage
+  once, parameters excluded), the largest over the micro-batches of the same step; measured on
+  every device. The FP4 linears' share of it is their packed wgrad/dgrad operands (FP4 codes,
+  scales, μ̂), not BF16 copies of their inputs; the report prints each recipe's total over BF16's.
 
 --profile RECIPE...: one more eager step of each named recipe under torch.profiler, and a table
 per model of its GPU time by kernel: the project's Triton kernels by name, the rest by kind
@@ -71,6 +76,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 
+from megatron_averis.linear.saved import SavedBytes  # noqa: E402
 from megatron_averis.recipes import PRESETS as RECIPE_PRESETS  # noqa: E402
 from megatron_averis.training import distributed  # noqa: E402
 from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args  # noqa: E402
@@ -155,15 +161,20 @@ class _StepBench(Trainer):
         self._build_model_and_optimizer()
         self._build_schedules()
         self.guard = DivergenceGuard(cfg.fault_tolerance)
-        self.activation_bytes: list[int] | None = None  # a list while measuring
+        self.activation_bytes: list[int] | None = None  # lists while measuring
+        self.saved_bytes: list[int] | None = None
 
     def _forward_step(self, data_iterator, model):
-        if self.activation_bytes is None:
+        if self.saved_bytes is None:
             return super()._forward_step(data_iterator, model)
         # The schedule calls this once per micro-batch; the backward comes after it returns.
-        before = torch.cuda.memory_allocated(self.device)
-        result = super()._forward_step(data_iterator, model)
-        self.activation_bytes.append(torch.cuda.memory_allocated(self.device) - before)
+        on_gpu = self.device.type == "cuda"
+        before = torch.cuda.memory_allocated(self.device) if on_gpu else 0
+        with SavedBytes(exclude=[p for m in self.model for p in m.parameters()]) as saved:
+            result = super()._forward_step(data_iterator, model)
+        if on_gpu:
+            self.activation_bytes.append(torch.cuda.memory_allocated(self.device) - before)
+        self.saved_bytes.append(saved.total)
         return result
 
 
@@ -229,8 +240,9 @@ def run_recipe(model: str, recipe: str, cfg: TrainingConfig, opts, device: torch
     model_ref = weakref.ref(bench.model[0])
     data = itertools.repeat(batch)  # Trainer._forward_step takes next() per micro-batch
     measure_at = 0 if mode == "graph" else max(opts.warmup_steps - 1, 0)
-    times, activation, skipped = [], None, 0
+    times, activation, saved, skipped = [], None, None, 0
     for i in range(opts.warmup_steps + opts.steps):
+        bench.saved_bytes = [] if i == measure_at else None
         bench.activation_bytes = [] if on_gpu and i == measure_at else None
         _sync(device)
         t0 = time.perf_counter()
@@ -240,7 +252,9 @@ def run_recipe(model: str, recipe: str, cfg: TrainingConfig, opts, device: torch
         bench.iteration += 1
         if bench.activation_bytes is not None:
             activation = max(bench.activation_bytes) / 2**30
-            bench.activation_bytes = None
+        if bench.saved_bytes is not None:
+            saved = max(bench.saved_bytes) / 2**30
+        bench.activation_bytes = bench.saved_bytes = None
         if i >= opts.warmup_steps:
             times.append(seconds)
             skipped += 0 if updated else 1
@@ -261,6 +275,7 @@ def run_recipe(model: str, recipe: str, cfg: TrainingConfig, opts, device: torch
         "mfu": stats["mfu"],
         "peak_memory_gib": memory_gib(device)[0] if on_gpu else None,
         "activation_memory_gib": activation,
+        "saved_for_backward_gib": saved,
         "loss": (loss[0] / loss[1]).item(),  # of the last step; ~ln(vocab) at initialisation
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "skipped_steps": skipped,
@@ -288,7 +303,7 @@ def _record(model: str, recipe: str, cfg: TrainingConfig, opts, device: torch.de
         "peak_tflops": opts.peak_tflops, "trainer_args": opts.trainer_args,
         "step_ms": None, "step_ms_min": None, "step_ms_max": None, "ratio_to_bf16": None,
         "tokens_per_second": None, "tflops_per_gpu": None, "mfu": None, "peak_memory_gib": None,
-        "activation_memory_gib": None, "loss": None, "grad_norm": None, "skipped_steps": None,
+        "activation_memory_gib": None, "saved_for_backward_gib": None, "loss": None, "grad_norm": None, "skipped_steps": None,
         "gpu_time_ms": None, "seconds_total": None, "error": None,
     }
 
@@ -357,18 +372,19 @@ def print_model_report(model: str, records: list[dict]) -> None:
          f"{first['flops_per_step'] / 1e12:,.2f} model TFLOP per step")
     _out()
     _out("| recipe | mode | step ms | ratio to bf16 | tokens/s | TFLOP/s | MFU | peak memory GiB "
-         "| activation memory GiB |")
-    _out("|---|---|---|---|---|---|---|---|---|")
+         "| activation memory GiB | saved for backward GiB |")
+    _out("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         if r["error"] is not None:
             _out(f"| {r['recipe']} | {r['mode']} | failed: {r['error'].splitlines()[0][:80]} "
-                 "| | | | | | |")
+                 "| | | | | | | |")
             continue
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
         _out(f"| {r['recipe']} | {r['mode']} | {r['step_ms']:.1f} "
              f"| {_num(r['ratio_to_bf16'], '.2f', 'x')} | {r['tokens_per_second']:,.0f} "
              f"| {r['tflops_per_gpu']:.1f} | {_num(mfu, '.1f', '%')} "
-             f"| {_num(r['peak_memory_gib'], '.2f')} | {_num(r['activation_memory_gib'], '.2f')} |")
+             f"| {_num(r['peak_memory_gib'], '.2f')} | {_num(r['activation_memory_gib'], '.2f')} "
+             f"| {_num(r['saved_for_backward_gib'], '.3f')} |")
     _out()
     modes = [m for m in MODES if any(r["mode"] == m for r in records)]
     for mode in modes:
@@ -379,6 +395,11 @@ def print_model_report(model: str, records: list[dict]) -> None:
              f"{_num(_ratio(by_recipe, 'averis', 'nvfp4-nohadamard'), '.2f', 'x')} | "
              f"nvfp4 / nvfp4-nohadamard {_num(_ratio(by_recipe, 'nvfp4', 'nvfp4-nohadamard'), '.2f', 'x')} | "
              f"BF16 MFU {_num(bf16_mfu, '.1f', '%')}")
+        saved = {name: r["saved_for_backward_gib"] for name, r in by_recipe.items()}
+        if saved.get("bf16"):
+            _out(f"{mode}: saved for backward / bf16's: " + ", ".join(
+                f"{name} {_num(v / saved['bf16'], '.3f', 'x')}" for name, v in saved.items()
+                if name != "bf16" and v is not None))
     if len(modes) == 2:
         ok = [r for r in records if r["error"] is None]
         speedups = []

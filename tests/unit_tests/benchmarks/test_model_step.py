@@ -67,12 +67,16 @@ def test_tiny_preset_on_cpu(tmp_path, capsys, launch_env_restored):
             assert key in r and r[key] is None
     bf16, averis = records
     assert bf16["ratio_to_bf16"] == 1.0
+    # Counted by saved-tensor hooks on every device: the FP4 linears keep packed operands.
+    assert 0 < averis["saved_for_backward_gib"] < bf16["saved_for_backward_gib"]
     assert averis["ratio_to_bf16"] == pytest.approx(averis["step_ms"] / bf16["step_ms"])
 
     stdout = capsys.readouterr().out
     assert "## tiny:" in stdout
     assert "| recipe | mode | step ms | ratio to bf16 | tokens/s | TFLOP/s | MFU | peak memory GiB " \
-           "| activation memory GiB |" in stdout
+           "| activation memory GiB | saved for backward GiB |" in stdout
+    ratio = averis["saved_for_backward_gib"] / bf16["saved_for_backward_gib"]
+    assert f"eager: saved for backward / bf16's: averis {ratio:.3f}x" in stdout
     assert f"| averis | eager | {averis['step_ms']:.1f} | {averis['ratio_to_bf16']:.2f}x |" in stdout
     assert "Targets (issue 6), eager:" in stdout and "graph" not in stdout  # eager only on CPU
     assert "- averis step ≤ 1.02x nvfp4-nohadamard: not measured (needs averis and nvfp4-nohadamard to run)" in stdout
