@@ -81,13 +81,14 @@ def test_global_batch_not_divisible_names_valid_sizes(files):
 def test_fp4_token_count_must_fill_blocks(files):
     msg = problems(files, "--fp4-recipe", "nvfp4-plain", "--micro-batch-size", "1", "--seq-length", "1000")
     assert "1000 tokens per GEMM is not a multiple of 16" in msg and "--seq-length 1000" in msg
-    # Under sequence parallelism each rank holds seq / TP tokens: 1 x 1056 / 2 = 528 = 33 x 16 is
-    # fine for NVFP4 but not for MXFP4's 32-blocks.
-    finalize(files, "--fp4-recipe", "nvfp4-plain", "--micro-batch-size", "1", "--seq-length", "1056",
+    # Under sequence parallelism only the micro-batch must fill blocks: 1 x 1056 / 2 = 528 tokens
+    # per rank are not whole MXFP4 32-blocks, so those layers gather BF16 instead of FP4
+    # (linear.function._gathers_fp4), but 1056 = 33 x 32 is accepted; 1040 is not.
+    finalize(files, "--fp4-recipe", "mxfp4", "--micro-batch-size", "1", "--seq-length", "1056",
              "--tensor-model-parallel-size", "2", "--sequence-parallel", world_size=2)
-    msg = problems(files, "--fp4-recipe", "mxfp4", "--micro-batch-size", "1", "--seq-length", "1056",
+    msg = problems(files, "--fp4-recipe", "mxfp4", "--micro-batch-size", "1", "--seq-length", "1040",
                    "--tensor-model-parallel-size", "2", "--sequence-parallel", world_size=2)
-    assert "528 tokens per GEMM is not a multiple of 32" in msg and "/ TP 2 under --sequence-parallel" in msg
+    assert "1040 tokens per GEMM is not a multiple of 32" in msg and "--seq-length 1040" in msg
     # BF16 has no blocks.
     finalize(files, "--bf16", "--micro-batch-size", "1", "--seq-length", "1000")
 
