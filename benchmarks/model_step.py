@@ -201,7 +201,8 @@ def trainer_flags(model: str, recipe: str, opts, tokenizer: str, data_prefix: st
              "--global-batch-size", str(opts.global_batch_size),
              "--train-iters", str(opts.warmup_steps + opts.steps), "--lr", "1e-4",
              "--seed", str(opts.seed), "--tokenizer-model", tokenizer, "--data-path", data_prefix,
-             "--split", "1,0,0", "--eval-iters", "0", "--num-workers", "0"]
+             "--split", "1,0,0", "--eval-iters", "0", "--num-workers", "0",
+             "--cross-entropy-loss-fusion"]  # the launch scripts' fused ops (docs/performance.md)
     flags += ["--bf16"] if recipe == "bf16" else ["--fp4-recipe", recipe]
     if mode == "graph":  # captured at the last warm-up step: every timed step is a replay
         flags += ["--cuda-graph-impl", "local",

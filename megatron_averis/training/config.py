@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from megatron_averis.megatron.fusions import Fusions
 from megatron_averis.recipes import Recipe
 from megatron_averis.training.presets import ModelArch, padded_vocab_size
 
@@ -57,10 +58,18 @@ class ModelConfig(_FromFlags):
     recompute_method: str | None = None       # "uniform" | "block"
     recompute_num_layers: int | None = None
     transformer_impl: str = "local"           # "local" | "transformer_engine"
+    # Fused elementwise ops asked for (megatron/fusions.py decides what runs on the device).
+    apply_rope_fusion: bool = True
+    bias_swiglu_fusion: bool = True
+    cross_entropy_loss_fusion: bool = False
 
     @property
     def uses_te(self) -> bool:
         return self.transformer_impl == "transformer_engine"
+
+    @property
+    def fusions(self) -> Fusions:
+        return Fusions.from_flags(self)
 
 
 @dataclass(frozen=True)
@@ -180,9 +189,10 @@ class LoggingConfig(_FromFlags):
 class ExecutionConfig(_FromFlags):
     seed: int
     deterministic_mode: bool
-    cuda_graph_impl: str
+    cuda_graph_impl: str             # "none" | "local" (finalize_args resolves "auto")
     cuda_graph_warmup_steps: int
     dry_run: bool
+    execution_notes: tuple[str, ...]  # fast paths asked for and not taken, and why (fast_path)
 
     @property
     def cuda_graph(self) -> bool:
