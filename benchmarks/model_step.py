@@ -109,6 +109,10 @@ def kernel_kind(name: str) -> str:
     low = name.lower()
     if name.startswith("_") and name.endswith("_kernel"):
         return f"Triton {name}"  # this project's kernels (megatron_averis/kernels)
+    if name.startswith("triton_"):
+        # Inductor's names (triton_poi_fused_..., triton_red_fused_...): megatron/fusions.py's
+        # torch.compile'd SwiGLU, RoPE and cross entropy.
+        return "torch.compile fusions"
     for kind, marks in (("cuBLAS GEMMs", ("nvjet", "gemm", "cutlass", "xmma")),
                         ("attention", ("sdpa", "flash", "fmha", "attention")),
                         ("casts and copies", ("copy", "memcpy")),
