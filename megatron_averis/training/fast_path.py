@@ -5,6 +5,8 @@
 each with its fix, what one graph cannot capture. `auto` (what examples/pretrain passes) takes
 the graph wherever the run allows one and otherwise stays eager. Every fast path a run asked for
 and does not get is one line of `execution_notes`, printed at start-up and by --dry-run.
+Shapes never change within a run (--seq-length, --micro-batch-size and the micro-batch count
+are fixed), so dynamic shapes are no reason to stay eager here.
 """
 
 from __future__ import annotations
