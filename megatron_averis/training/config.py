@@ -23,7 +23,6 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from megatron_averis.megatron.fusions import Fusions
 from megatron_averis.recipes import Recipe
 from megatron_averis.training.presets import ModelArch, padded_vocab_size
 
@@ -68,7 +67,10 @@ class ModelConfig(_FromFlags):
         return self.transformer_impl == "transformer_engine"
 
     @property
-    def fusions(self) -> Fusions:
+    def fusions(self):
+        """megatron.fusions.Fusions of these flags (imported here: it loads megatron-core)."""
+        from megatron_averis.megatron.fusions import Fusions
+
         return Fusions.from_flags(self)
 
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_averis.megatron.fusions import Fusions
-
 CUDA_GRAPH_IMPLS = ("none", "local", "auto")
 
 
@@ -74,6 +72,8 @@ def resolve(args) -> list[str]:
             notes.append(f"CUDA graph (--cuda-graph-impl auto): each iteration is captured after "
                          f"{args.cuda_graph_warmup_steps} eager warm-up steps and replayed; "
                          "--cuda-graph-impl none for eager steps")
+    from megatron_averis.megatron.fusions import Fusions  # loads megatron-core: not at --help
+
     notes += Fusions.from_flags(args).off_reasons(on_gpu=torch.cuda.is_available(), bf16=args.bf16)
     args.execution_notes = notes
     return problems
