@@ -115,6 +115,10 @@ def kernel_kind(name: str) -> str:
     low = name.lower()
     if name.startswith("_") and name.endswith("_kernel"):
         return f"Triton {name}"  # this project's kernels (megatron_averis/kernels)
+    if name.startswith("triton_"):
+        # Inductor's names (triton_poi_fused_..., triton_red_fused_...): megatron/fusions.py's
+        # torch.compile'd SwiGLU, RoPE and cross entropy.
+        return "torch.compile fusions"
     for kind, marks in (("cuBLAS GEMMs", ("nvjet", "gemm", "cutlass", "xmma")),
                         ("attention", ("sdpa", "flash", "fmha", "attention")),
                         ("casts and copies", ("copy", "memcpy")),
@@ -212,7 +216,8 @@ def trainer_flags(model: str, recipe: str, opts, tokenizer: str, data_prefix: st
              "--global-batch-size", str(opts.global_batch_size),
              "--train-iters", str(opts.warmup_steps + opts.steps), "--lr", "1e-4",
              "--seed", str(opts.seed), "--tokenizer-model", tokenizer, "--data-path", data_prefix,
-             "--split", "1,0,0", "--eval-iters", "0", "--num-workers", "0"]
+             "--split", "1,0,0", "--eval-iters", "0", "--num-workers", "0",
+             "--cross-entropy-loss-fusion"]  # the launch scripts' fused ops (docs/performance.md)
     flags += ["--bf16"] if recipe == "bf16" else ["--fp4-recipe", recipe]
     if mode == "graph":  # captured at the last warm-up step: every timed step is a replay
         flags += ["--cuda-graph-impl", "local",

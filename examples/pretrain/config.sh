@@ -10,6 +10,8 @@
 #
 # Every value below can be overridden from the environment (e.g. TRAIN_ITERS=200 LR=3e-4), and
 # flags given after MODEL RECIPE on the command line override everything (argparse: last wins).
+# Fast path by default: CUDA_GRAPH=auto (or none / local), fused ops off with --no-rope-fusion,
+# --no-bias-swiglu-fusion, --no-cross-entropy-loss-fusion after MODEL RECIPE.
 # All recipes of one model share data, seed, batch and schedule, so their runs are comparable.
 
 # Data: the experiment corpus built offline on the GPU machine by
@@ -76,6 +78,10 @@ pretrain_args() {
         --log-interval "${LOG_INTERVAL:-10}"
         --save "$save" --load "$save" --save-interval "${SAVE_INTERVAL:-1000}"
         --run-name "$run_name" --exit-signal-handler
+        # The fast path (docs/performance.md): one CUDA graph per iteration wherever the run
+        # allows a capture (else eager, the reason printed at start-up), and megatron-core's
+        # fused cross entropy besides the fused RMSNorm, SwiGLU and RoPE that are on by default.
+        --cuda-graph-impl "${CUDA_GRAPH:-auto}" --cross-entropy-loss-fusion
     )
     if [ "${SP:-0}" = 1 ]; then PRETRAIN_ARGS+=(--sequence-parallel); fi
     if [ "${DIST_OPT:-1}" = 1 ]; then PRETRAIN_ARGS+=(--use-distributed-optimizer); fi

@@ -40,8 +40,9 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight + 1 if self.zero_centered_gamma else self.weight
-        # torch computes the statistics in FP32 for BF16/FP16 inputs (a fused kernel on CUDA), so
-        # the input is not copied to FP32 here.
+        # On CUDA torch runs ATen's fused kernel (aten._fused_rms_norm, forward and backward;
+        # statistics in FP32 for BF16 inputs) only when weight and input share a dtype, hence the
+        # cast; elsewhere it decomposes into PyTorch ops. The input is not copied to FP32 here.
         return torch.nn.functional.rms_norm(x, (self.hidden_size,), w.to(x.dtype), self.eps)
 
     def extra_repr(self) -> str:

@@ -13,12 +13,10 @@ import dataclasses
 import importlib.util
 import os
 
-import torch
-
 from megatron_averis.recipes import PRESETS as RECIPE_PRESETS
 from megatron_averis.recipes import DEPRECATED_NAMES as DEPRECATED_RECIPES
 from megatron_averis.recipes import RecipeError, canonical_name, check_linear_shape, check_token_count, get_recipe
-from megatron_averis.training import divergence, megatron_flags, preflight
+from megatron_averis.training import divergence, fast_path, megatron_flags, preflight
 from megatron_averis.training.checkpoint_dirs import find_latest_checkpoint
 from megatron_averis.training.checkpoint_integrity import CHECKSUMS
 from megatron_averis.training.config import FaultToleranceConfig
@@ -190,14 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic-mode", action="store_true",
                    help="deterministic cuBLAS/NCCL and torch algorithms (torch raises on an op that "
                         "has none); for bit-exact GPU reruns, e.g. checking a resume")
-    g.add_argument("--cuda-graph-impl", choices=("none", "local"), default="none",
+    g.add_argument("--cuda-graph-impl", choices=fast_path.CUDA_GRAPH_IMPLS, default="none",
                    help="local: capture each iteration's forward-backward schedule as one CUDA graph "
-                        "and replay it (removes the host overhead of the many small FP4 kernels)")
+                        "and replay it (removes the host overhead of the many small FP4 kernels); "
+                        "auto (the launch scripts' choice): local where the run allows a capture, "
+                        "else none, saying why at start-up; none: eager steps (Megatron-LM's "
+                        "default)")
     g.add_argument("--cuda-graph-scope", choices=("full_iteration",), default="full_iteration",
                    help="what one graph covers; full_iteration (the optimizer step stays outside) is "
                         "the scope this trainer implements")
     g.add_argument("--cuda-graph-warmup-steps", type=int, default=3,
                    help="eager steps before the capture")
+
+    g = p.add_argument_group("fused elementwise ops (on CUDA; docs/performance.md)")
+    g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false",
+                   help="unfused RoPE (default: megatron-core's rotation compiled by torch.compile, "
+                        "or Transformer Engine's kernel where installed)")
+    g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
+                   help="unfused SwiGLU (default: megatron-core's torch.compile'd SwiGLU)")
+    g.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
+                   default=False,
+                   help="megatron-core's fused (torch.compile'd) vocab-parallel cross entropy; off "
+                        "by default as in Megatron-LM, on in the launch scripts; BF16 runs only")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -552,26 +564,6 @@ def _fp4_shape_problems(args, arch: ModelArch, recipe) -> list[str]:
     return problems
 
 
-def _cuda_graph_problems(args) -> list[str]:
-    """What a full-iteration CUDA graph (training/cuda_graph.py) cannot capture."""
-    problems = []
-    fix = "drop --cuda-graph-impl local or "
-    if not torch.cuda.is_available():
-        problems.append("--cuda-graph-impl local needs a CUDA device; drop it on CPU")
-    if args.pipeline_model_parallel_size > 1:
-        problems.append("--cuda-graph-impl local captures no pipeline schedule (its point-to-point "
-                        f"transfers synchronize with the host); {fix}use --pipeline-model-parallel-size 1")
-    if args.recompute_granularity is not None:
-        problems.append("--cuda-graph-impl local cannot capture activation recomputation (it "
-                        f"swaps RNG states on the host); {fix}drop --recompute-granularity")
-    if args.overlap_grad_reduce:
-        problems.append(f"--cuda-graph-impl local does not capture --overlap-grad-reduce; {fix}"
-                        "drop --overlap-grad-reduce")
-    if args.cuda_graph_warmup_steps < 1:
-        problems.append(f"--cuda-graph-warmup-steps must be >= 1, got {args.cuda_graph_warmup_steps}")
-    return problems
-
-
 def _megatron_semantics(args) -> list[str]:
     """Megatron-LM's flag pairs: which unit the schedule uses, aliases, and what only one value
     is supported for in this trainer."""
@@ -747,8 +739,7 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         problems.append("--recompute-granularity full needs --recompute-method {uniform,block} and "
                         "--recompute-num-layers N")
 
-    if args.cuda_graph_impl == "local":
-        problems += _cuda_graph_problems(args)
+    problems += fast_path.resolve(args)
 
     # Data and tokenizer.
     problems += _tokenizer_problems(args)

@@ -57,10 +57,21 @@ class ModelConfig(_FromFlags):
     recompute_method: str | None = None       # "uniform" | "block"
     recompute_num_layers: int | None = None
     transformer_impl: str = "local"           # "local" | "transformer_engine"
+    # Fused elementwise ops asked for (megatron/fusions.py decides what runs on the device).
+    apply_rope_fusion: bool = True
+    bias_swiglu_fusion: bool = True
+    cross_entropy_loss_fusion: bool = False
 
     @property
     def uses_te(self) -> bool:
         return self.transformer_impl == "transformer_engine"
+
+    @property
+    def fusions(self):
+        """megatron.fusions.Fusions of these flags (imported here: it loads megatron-core)."""
+        from megatron_averis.megatron.fusions import Fusions
+
+        return Fusions.from_flags(self)
 
 
 @dataclass(frozen=True)
@@ -180,9 +191,10 @@ class LoggingConfig(_FromFlags):
 class ExecutionConfig(_FromFlags):
     seed: int
     deterministic_mode: bool
-    cuda_graph_impl: str
+    cuda_graph_impl: str             # "none" | "local" (finalize_args resolves "auto")
     cuda_graph_warmup_steps: int
     dry_run: bool
+    execution_notes: tuple[str, ...]  # fast paths asked for and not taken, and why (fast_path)
 
     @property
     def cuda_graph(self) -> bool:

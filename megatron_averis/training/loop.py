@@ -208,6 +208,7 @@ class Trainer:
             f"logs: {log.log_dir} (metrics.jsonl, config.json), TensorBoard {log.tensorboard_dir}",
         ]
         lines += self.logger.messages
+        lines += cfg.execution.execution_notes
         lines += log.ignored_flags
         if self.resumed_from:
             r = self.resumed_from
@@ -457,6 +458,7 @@ def dry_run_report(cfg: TrainingConfig) -> str:
              f"dry run: configuration valid; model {_millions(counts['total'])} parameters, "
              f"{cfg.model.recipe.name} recipe, {batch.train_iters} steps of "
              f"{batch.global_batch_size} x {batch.seq_length} tokens"]
+    lines += cfg.execution.execution_notes
     lines += cfg.logging.ignored_flags
     return "\n".join(lines)
 

@@ -150,11 +150,8 @@ NO_EFFECT = {
     "use_flash_attn": "SDPA picks its flash kernel on GPUs by itself (no mask is passed)",
     "attention_backend": "attention is torch SDPA (local layers) or TE's DotProductAttention",
     "masked_softmax_fusion": "SDPA fuses the causal softmax itself",
-    "apply_rope_fusion": "RoPE runs megatron-core's unfused implementation",
-    "bias_swiglu_fusion": "megatron-core's SwiGLU fusion is chosen by device (on with CUDA)",
     "bias_dropout_fusion": "megatron-core's bias-dropout-add fusion is chosen by device",
     "gradient_accumulation_fusion": "FP4 linears accumulate into main_grad themselves",
-    "cross_entropy_loss_fusion": "the loss is megatron-core's vocab-parallel cross entropy",
     "calculate_per_token_loss": "the loss is always the sum over the global batch's tokens "
                                 "divided by their count",
     "log_throughput": "throughput is always logged",
@@ -207,12 +204,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                    default="auto")
     g.add_argument("--no-masked-softmax-fusion", dest="masked_softmax_fusion",
                    action="store_false")
-    g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false")
-    g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false")
     g.add_argument("--no-bias-dropout-fusion", dest="bias_dropout_fusion", action="store_false")
     g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
                    action="store_false")
-    g.add_argument("--cross-entropy-loss-fusion", action="store_true")
     g.add_argument("--calculate-per-token-loss", action="store_true")
     g.add_argument("--log-throughput", action="store_true")
     g.add_argument("--manual-gc", action="store_true")

@@ -46,13 +46,12 @@ def transformer_config(cfg: ModelConfig, device: torch.device) -> TransformerCon
         calculate_per_token_loss=True,
         # Without CUDA, weights are initialised on the CPU from torch's generator.
         use_cpu_initialization=not on_gpu,
-        # megatron-core's own jit-fused SwiGLU and bias-dropout-add (no TE/apex needed).
-        bias_activation_fusion=on_gpu,
+        # megatron-core's jit-fused bias-dropout-add; SwiGLU, RoPE and cross entropy: fusions.py.
         bias_dropout_fusion=on_gpu,
+        **cfg.fusions.config_fields(on_gpu=on_gpu, bf16=cfg.bf16),
         # apex's fused weight-gradient kernel is not required: FP4 linears accumulate into
         # main_grad themselves and BF16 ones go through the DDP hook.
         gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
         masked_softmax_fusion=False,
         deallocate_pipeline_outputs=True,
         recompute_granularity=cfg.recompute_granularity,

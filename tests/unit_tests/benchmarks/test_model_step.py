@@ -135,6 +135,8 @@ def test_kernel_kinds_and_gpu_time_table(capsys):
     ms = _model_step()
     kinds = {
         "_quantize_kernel": "Triton _quantize_kernel",
+        "triton_poi_fused_add_cat_cos_mul_neg_sin_0": "torch.compile fusions",
+        "triton_red_fused__to_copy_exp_sub_sum_1": "torch.compile fusions",
         "nvjet_sm90_tss_256x128_64x4_1x2_h_bz_coopA_TNT": "cuBLAS GEMMs",
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "cuBLAS GEMMs",
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": "attention",

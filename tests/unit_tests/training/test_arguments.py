@@ -202,6 +202,7 @@ def test_cuda_graph_rejects_what_one_graph_cannot_capture(files, monkeypatch):
     assert "drop --overlap-grad-reduce" in text
     assert "--cuda-graph-warmup-steps must be >= 1, got 0" in text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "--cuda-graph-impl local needs a CUDA device" in problems(files, "--cuda-graph-impl", "local")
+    assert ("--cuda-graph-impl local is refused: no CUDA device (CPU run); drop --cuda-graph-impl "
+            "local or run on a GPU") in problems(files, "--cuda-graph-impl", "local")
     with pytest.raises(SystemExit):  # argparse: the only scope there is
         parse_args(argv(files, "--cuda-graph-scope", "attn"))
