@@ -32,7 +32,12 @@ export SEQ_LENGTH=${SEQ_LENGTH:-1024} GLOBAL_BATCH=${GLOBAL_BATCH:-64} MICRO_BAT
 export EVAL_INTERVAL=${EVAL_INTERVAL:-100} EVAL_ITERS=${EVAL_ITERS:-8} LOG_INTERVAL=${LOG_INTERVAL:-1}
 export SAVE_INTERVAL=${SAVE_INTERVAL:-$TRAIN_ITERS} DIST_OPT=${DIST_OPT:-0} DETERMINISTIC=${DETERMINISTIC:-1}
 export OUT_DIR=$STUDY_DIR
-EXTRA=(--weight-decay 0.01 --clip-grad 0 --adam-beta1 0.9 --adam-beta2 0.95 --wandb-mode disabled)
+# Eager steps with RoPE and cross entropy unfused, as in the runs under results/ (2026-12-01), so
+# that seeds added later share their numerics (CUDA_GRAPH=auto is faster; its replay matches
+# eager steps to 1e-6, not bit for bit).
+export CUDA_GRAPH=${CUDA_GRAPH:-none}
+EXTRA=(--weight-decay 0.01 --clip-grad 0 --adam-beta1 0.9 --adam-beta2 0.95 --wandb-mode disabled
+       --no-rope-fusion --no-cross-entropy-loss-fusion)
 
 lr_for() {  # peak LR of MODEL: 1e-4 x 1024 / hidden, unless LR is set
     if [ -n "${LR:-}" ]; then echo "$LR"; return; fi
