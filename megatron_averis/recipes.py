@@ -7,7 +7,8 @@ dimension:
     dgrad  dX = G · W      operands dgrad_grad   (G, along out-feat.)  dgrad_weight (W, along out-features)
     wgrad  dW = Gᵀ · X     operands wgrad_grad   (G, along tokens)     wgrad_input  (X, along tokens)
 
-Every knob is a field; presets are just values. `Recipe.with_overrides(["wgrad_rht=false",
+Every knob is a field; presets are just values. Two fields choose an implementation whose results
+differ in the last bits (token_sum, fp4_gemm), so that a run's config records them too. `Recipe.with_overrides(["wgrad_rht=false",
 "dgrad_grad.rounding=rne"])` changes single knobs and re-validates.
 """
 
@@ -16,6 +17,9 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, replace
+
+from megatron_averis.formats import MXFP4_BLOCK, NVFP4_BLOCK
+from megatron_averis.numerics.backend import check_choice
 
 FORMATS = ("bf16", "nvfp4", "mxfp4")
 ROUNDINGS = ("rne", "stochastic")
@@ -31,7 +35,7 @@ OPERAND_ROLES = (
 GEMMS = {"fprop": ("fprop_input", "fprop_weight"), "dgrad": ("dgrad_grad", "dgrad_weight"),
          "wgrad": ("wgrad_grad", "wgrad_input")}
 WEIGHT_ROLES = ("fprop_weight", "dgrad_weight")
-BLOCK_SIZE = {"nvfp4": 16, "mxfp4": 32, "bf16": 1}
+BLOCK_SIZE = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK, "bf16": 1}
 
 
 class RecipeError(ValueError):
@@ -85,6 +89,12 @@ class Recipe:
     in all three GEMMs (the Averis authors' code: X̂ = μ + Q(X - 1μᵀ)). Emulation only: dgrad and
     wgrad then reduce across the blocks, which FP4 tensor cores cannot consume. Needs each
     tensor's two operand recipes equal and no RHT.
+    token_sum: order of the token sums behind every Averis mean: torch (torch.sum, the default)
+    or pairwise (a specified tree order, the same on every device; on the GPU one stats kernel
+    also yields the residual's range). They differ in the means' last bits.
+    fp4_gemm: dequant (BF16 scaled values, cuBLAS with FP32 accumulation; the default) or fused
+    (a Triton GEMM dequantizing packed FP4 in its prologue, where the kernels run; FP32 sums in
+    another order, so other last bits).
     """
 
     name: str = "bf16"
@@ -102,6 +112,8 @@ class Recipe:
     bf16_first_layers: int = 0
     bf16_last_layers: int = 0
     quantize_once: bool = False
+    token_sum: str = "torch"
+    fp4_gemm: str = "dequant"
 
     def __post_init__(self):
         validate(self)
@@ -153,6 +165,7 @@ class Recipe:
             lines.append("  each tensor quantized once, reused by all three GEMMs (emulation only)")
         if self.bf16_first_layers or self.bf16_last_layers:
             lines.append(f"  bf16 layers: first {self.bf16_first_layers}, last {self.bf16_last_layers}")
+        lines.append(f"  token sums: {self.token_sum}, FP4 GEMM: {self.fp4_gemm}")
         return "\n".join(lines)
 
 
@@ -203,6 +216,11 @@ def validate(r: Recipe) -> None:
         if any(r.rht(g) for g in GEMMS):
             raise RecipeError(f"recipe {r.name!r}: quantize_once reuses operands across GEMMs with "
                               "different reduction dimensions, so no GEMM can be rotated; disable the RHT")
+    for fld in ("token_sum", "fp4_gemm"):
+        try:
+            check_choice(fld, getattr(r, fld))
+        except ValueError as e:
+            raise RecipeError(f"recipe {r.name!r}: {e}") from None
     if r.bf16_first_layers < 0 or r.bf16_last_layers < 0:
         raise RecipeError(f"recipe {r.name!r}: bf16_first_layers/bf16_last_layers must be >= 0")
 

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from megatron_averis.numerics.blockscale import NVFP4_BLOCK
+from megatron_averis.formats import NVFP4_BLOCK
 from megatron_averis.numerics.hadamard import random_signs
 from megatron_averis.numerics.operand import quantize_operand
 

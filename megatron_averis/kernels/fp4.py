@@ -22,6 +22,9 @@ by reading X [T, K] with swapped strides, without a transposed copy. `sub` (FP32
 is subtracted in registers: the Averis residual R = X - μ̂ is never materialized. The 16x16
 random Hadamard transform of (x - sub) is applied in registers too (RHT, NEG): sign flips, the
 fast Walsh-Hadamard butterfly and the 1/4 scale in hadamard.blockwise_rht's FP32 order.
+
+The host functions take and return plain tensors; numerics (blockscale, operand, qgemm) wraps
+them in its types and numerics.backend decides when they run.
 """
 
 from __future__ import annotations
@@ -30,15 +33,21 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_averis import kernels
-from megatron_averis.numerics.blockscale import MXFP4_BLOCK, QuantizedTensor
-from megatron_averis.numerics.hadamard import RHT_BLOCK
-from megatron_averis.numerics.random import StepSeed, _positions, fmix32
+from megatron_averis import formats
+from megatron_averis.formats import MXFP4_BLOCK, RHT_BLOCK
+from megatron_averis.kernels import interpreting
 
-FLT_MAX = tl.constexpr(3.4028234663852886e38)
-# float32(1/6), written exactly: the reference multiplies S_enc by the FP32-rounded 1/6.
-ONE_SIXTH_F32 = tl.constexpr(0.1666666716337204)
-E4M3_MAX = tl.constexpr(448.0)
+FLT_MAX = tl.constexpr(formats.FLT_MAX)
+E2M1_MAX = tl.constexpr(formats.E2M1_MAX)
+# float32(1/6): the reference multiplies S_enc by the Python scalar 1/6, which torch rounds to FP32.
+ONE_SIXTH_F32 = tl.constexpr(torch.tensor(1.0 / formats.E2M1_MAX, dtype=torch.float32).item())
+E4M3_MAX = tl.constexpr(formats.E4M3_MAX)
+S_ENC_NUMERATOR = tl.constexpr(formats.E4M3_MAX * formats.E2M1_MAX)  # 2688: S_enc = 2688 / amax
+FMIX32_MUL1 = tl.constexpr(formats.FMIX32_MUL1)
+FMIX32_MUL2 = tl.constexpr(formats.FMIX32_MUL2)
+SR_ROW_MUL = tl.constexpr(formats.SR_ROW_MUL)
+SR_COL_MUL = tl.constexpr(formats.SR_COL_MUL)
+SEED_MIX_MUL = tl.constexpr(formats.SEED_MIX_MUL)
 E4M3_MIN_NORMAL = tl.constexpr(0.015625)  # 2^-6
 TWO_POW_23 = tl.constexpr(8388608.0)
 
@@ -47,9 +56,9 @@ TWO_POW_23 = tl.constexpr(8388608.0)
 def _fmix32(h):
     # MurmurHash3 finalizer on uint32 (random.fmix32): uint32 products wrap mod 2^32.
     h ^= h >> 16
-    h *= 0x85EBCA6B
+    h *= FMIX32_MUL1
     h ^= h >> 13
-    h *= 0xC2B2AE35
+    h *= FMIX32_MUL2
     h ^= h >> 16
     return h
 
@@ -144,7 +153,7 @@ def _encode_e2m1(y, r, c, R, C, keyu, off_r, off_c, ridx_ptr, cidx_ptr, SR: tl.c
     a = _abs_bits(y).to(tl.float32, bitcast=True)
     neg = (y < 0.0).to(tl.int32)
     if SR:
-        a = tl.where(a > 6.0, 6.0, a)  # keeps NaN, like torch.clamp
+        a = tl.where(a > E2M1_MAX, E2M1_MAX, a)  # keeps NaN, like torch.clamp
         b = a.to(tl.int32, bitcast=True)
         # lo: the largest grid value <= a; p_up = (a - lo) / gap, the reference's exact quotient
         # (both operations are exact). For a >= 1 the gap is half the binade and (a - lo) / gap is
@@ -157,8 +166,8 @@ def _encode_e2m1(y, r, c, R, C, keyu, off_r, off_c, ridx_ptr, cidx_ptr, SR: tl.c
                         a * 2.0 - half.to(tl.float32))
         gr = _global_index(r, R, off_r, ridx_ptr, ROW_IDX)
         gc = _global_index(c, C, off_c, cidx_ptr, COL_IDX)
-        hr = _fmix32(gr.to(tl.uint32) * 0x9E3779B1 + keyu)
-        h = _fmix32((hr ^ (gc.to(tl.uint32) * 0x85EBCA77)) ^ keyu)
+        hr = _fmix32(gr.to(tl.uint32) * SR_ROW_MUL + keyu)
+        h = _fmix32((hr ^ (gc.to(tl.uint32) * SR_COL_MUL)) ^ keyu)
         u = (h >> 8).to(tl.float32) * 5.9604644775390625e-08  # 24 random bits · 2^-24
         idx = lo + (u < p_up).to(tl.int32)
     else:
@@ -188,7 +197,7 @@ def _seed_key(key, step_ptr, STEP_SEED: tl.constexpr):
     k = key.to(tl.uint32, bitcast=True)
     if STEP_SEED:
         step = tl.load(step_ptr).to(tl.uint32)
-        k = _fmix32(_fmix32((k ^ step) * 0x01000193))
+        k = _fmix32(_fmix32((k ^ step) * SEED_MIX_MUL))
     return k
 
 
@@ -235,7 +244,7 @@ def _quantize_kernel(
     else:
         # blockscale.nvfp4_tensor_scales
         amax = tl.load(amax_ptr)
-        s_enc = tl.math.div_rn(tl.full([], 2688.0, tl.float32), amax)
+        s_enc = tl.math.div_rn(tl.full([], S_ENC_NUMERATOR, tl.float32), amax)
         s_enc = tl.where(s_enc > FLT_MAX, FLT_MAX, s_enc)
         s_enc = tl.where(s_enc == 0.0, 1.0, s_enc)
         s_dec = tl.math.div_rn(tl.full([], 1.0, tl.float32), s_enc)
@@ -523,11 +532,11 @@ def _rht_arg(signs: torch.Tensor | None, C: int) -> tuple[bool, int]:
     return True, sum(1 << j for j, v in enumerate(signs.tolist()) if v < 0)
 
 
-def _offset_arg(where, n: int, device):
-    """(offset, index tensor, from_tensor) for one entry of rng_offset: an int, or a tensor of
-    global indices (validated and converted by random._positions, as the reference does)."""
+def _offset_arg(where):
+    """(offset, index tensor, from_tensor) for one entry of rng_offset: an int offset, or an int64
+    tensor of global indices on the operand's device, one per local row / column."""
     if isinstance(where, torch.Tensor):
-        return 0, _positions(where, n, device).contiguous(), True
+        return 0, where.contiguous(), True
     return int(where), None, False
 
 
@@ -553,18 +562,26 @@ def amax(x: torch.Tensor, sub: torch.Tensor | None = None, tile=None,
     return out.view(torch.float32).view(())
 
 
-def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str,
-             sr_seed: int | StepSeed | None,
-             rng_offset: tuple[int, int], amax_t: torch.Tensor | None = None,
-             sub: torch.Tensor | None = None, tile=None,
-             signs: torch.Tensor | None = None) -> QuantizedTensor:
-    """NVFP4 (1x16, 16x16) or MXFP4 (1x32) codes of x - sub along the last dimension; the caller
-    (blockscale) has validated the arguments. NVFP4 takes the tensor amax `amax_t` if given.
-    With `signs`, of blockwise_rht(x.float() - sub, signs), rotated in registers."""
+def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], *,
+             amax_t: torch.Tensor | None = None, sub: torch.Tensor | None = None,
+             signs: torch.Tensor | None = None, sr_key: int | None = None,
+             sr_step: torch.Tensor | None = None, rng_offset=(0, 0),
+             tile=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 (1x16, 16x16) or MXFP4 (1x32) quantization of x - sub along the last dimension;
+    with `signs`, of blockwise_rht(x.float() - sub, signs), rotated in registers. The caller has
+    validated the arguments. NVFP4 takes the tensor amax `amax_t` if given.
+
+    Returns (codes uint8 [R, C/2] two per byte, block scales, FP32 0-dim tensor scale); block
+    scales are float8_e4m3fn [R/bm, C/bk] (NVFP4) or uint8 E8M0 exponents [R, C/32] (MXFP4).
+
+    Stochastic rounding when `sr_key` is given: the stream's uint32 key is sr_key itself
+    (random.seed_key of an int seed) or, with `sr_step` (a one-element int64 tensor read on the
+    device), the key of fold_seed(sr_key, step). rng_offset: per dimension the global index of
+    the first local row / column, or an int64 tensor of every local one's global index."""
     R, C = x.shape
     bm, bk = block
     mx = fmt == "mxfp4"
-    sr = rounding == "stochastic"
+    sr = sr_key is not None
     sub_t, sub_dim = _sub_arg(x, sub)
     rht, neg = _rht_arg(signs, C)
     data = torch.empty(R, C // 2, dtype=torch.uint8, device=x.device)
@@ -577,13 +594,11 @@ def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str,
         if amax_t is None:
             amax_t = amax(x, sub, signs=signs)
         amax_arg = amax_t.to(device=x.device, dtype=torch.float32).reshape(1)
-    step_seed = sr and isinstance(sr_seed, StepSeed)
-    if step_seed:
-        key, step = _int32(sr_seed.base), sr_seed.step.to(device=x.device, dtype=torch.int64)
-    else:
-        key, step = (_int32(fmix32(int(sr_seed) & 0xFFFFFFFF)) if sr else 0), data
-    off_r, ridx, row_idx = _offset_arg(rng_offset[0], R, x.device) if sr else (0, None, False)
-    off_c, cidx, col_idx = _offset_arg(rng_offset[1], C, x.device) if sr else (0, None, False)
+    step_seed = sr and sr_step is not None
+    key = _int32(sr_key) if sr else 0
+    step = sr_step.to(device=x.device, dtype=torch.int64) if step_seed else data
+    off_r, ridx, row_idx = _offset_arg(rng_offset[0]) if sr else (0, None, False)
+    off_c, cidx, col_idx = _offset_arg(rng_offset[1]) if sr else (0, None, False)
     br, bc, warps = _tile(R, C, x, bk, bm, tile)
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     _quantize_kernel[grid](
@@ -593,19 +608,21 @@ def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str,
         ROW_IDX=row_idx, COL_IDX=col_idx, RHT=rht, NEG=neg,
         enable_fp_fusion=False, num_warps=warps,
     )
-    return QuantizedTensor(data, scales, tensor_scale, fmt, tuple(block), (R, C))
+    return data, scales, tensor_scale
 
 
-def scaled_values(qt: QuantizedTensor, dtype: torch.dtype, tile=None) -> torch.Tensor:
-    """QuantizedTensor.scaled_values: code × block scale, written as `dtype` (BF16 or FP32)."""
-    R, C = qt.shape
-    bm, bk = qt.block
-    data = qt.data.contiguous()
+def scaled_values(data: torch.Tensor, block_scales: torch.Tensor, block: tuple[int, int],
+                  fmt: str, dtype: torch.dtype, tile=None) -> torch.Tensor:
+    """Code × block scale of packed codes `data` [R, C/2] with the block scales quantize
+    returns, written as `dtype` (BF16 or FP32): QuantizedTensor.scaled_values."""
+    bm, bk = block
+    data = data.contiguous()
+    R, C = data.shape[0], data.shape[1] * 2
     out = torch.empty(R, C, dtype=dtype, device=data.device)
     br, bc, warps = _tile(R, C, out, bk, bm, tile)
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
-    _dequant_kernel[grid](data, qt.block_scales.contiguous().view(torch.uint8), out, R, C,
-                          BR=br, NB=bc // bk, BK=bk, BM=bm, MX=qt.fmt == "mxfp4", num_warps=warps)
+    _dequant_kernel[grid](data, block_scales.contiguous().view(torch.uint8), out, R, C,
+                          BR=br, NB=bc // bk, BK=bk, BM=bm, MX=fmt == "mxfp4", num_warps=warps)
     return out
 
 
@@ -613,9 +630,9 @@ def scaled_values(qt: QuantizedTensor, dtype: torch.dtype, tile=None) -> torch.T
 GEMM_TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def gemm_supported(a: QuantizedTensor, b: QuantizedTensor) -> bool:
-    return (a.fmt == b.fmt and a.block[1] == b.block[1] and a.shape[1] == b.shape[1]
-            and a.shape[1] % GEMM_TILE["BLOCK_K"] == 0)
+def gemm_supported(k: int) -> bool:
+    """Whether scaled_mm covers a reduction dimension of k (whole K tiles)."""
+    return k % GEMM_TILE["BLOCK_K"] == 0
 
 
 _UNREAD_POINTERS: dict = {}
@@ -637,23 +654,25 @@ MAX_TERMS = 3  # qgemm adds at most 3 (two cross terms and μ_A·μ_B); the bias
 
 
 def _term_args(terms, device) -> list:
-    """Kernel arguments (kind, u, v, k, has_k) x 3 for up to three qgemm.MeanTerm."""
+    """Kernel arguments (kind, u, v, k, has_k) x 3 for up to three terms, each given as
+    (row [M] | None, col [N] | None, k: int | None, scalar 0-dim | None), the fields of
+    qgemm.MeanTerm: a scalar, the outer product row·colᵀ (times k if set), a row or a col."""
     if len(terms) > MAX_TERMS:
         raise ValueError(f"at most {MAX_TERMS} mean terms, got {len(terms)}")
     args = []
     unread = _unread_pointer(device)
     for t in list(terms) + [None] * (MAX_TERMS - len(terms)):
+        row, col, k, scalar = t if t is not None else (None, None, None, None)
         if t is None:
             kind, u, v = TERM_NONE, None, None
-        elif t.scalar is not None:
-            kind, u, v = TERM_SCALAR, _vec(t.scalar, device), None
-        elif t.row is not None and t.col is not None:
-            kind, u, v = TERM_OUTER, _vec(t.row, device), _vec(t.col, device)
-        elif t.row is not None:
-            kind, u, v = TERM_ROW, _vec(t.row, device), None
+        elif scalar is not None:
+            kind, u, v = TERM_SCALAR, _vec(scalar, device), None
+        elif row is not None and col is not None:
+            kind, u, v = TERM_OUTER, _vec(row, device), _vec(col, device)
+        elif row is not None:
+            kind, u, v = TERM_ROW, _vec(row, device), None
         else:
-            kind, u, v = TERM_COL, None, _vec(t.col, device)
-        k = t.k if t is not None and t.k is not None else None
+            kind, u, v = TERM_COL, None, _vec(col, device)
         args += [kind, u if u is not None else unread, v if v is not None else unread,
                  float(k) if k is not None else 1.0, k is not None]
     return args
@@ -675,24 +694,27 @@ def scale_and_add_terms(out: torch.Tensor, scale: torch.Tensor, terms,
     return dst if bf16 or out_dtype == torch.float32 else dst.to(out_dtype)
 
 
-def scaled_mm(a: QuantizedTensor, b: QuantizedTensor, scale: torch.Tensor, terms=(),
-              tile: dict | None = None) -> torch.Tensor:
-    """FP32 (Â·B̂ᵀ)·scale + terms straight from packed FP4 operands (no BF16 copies of Â, B̂)."""
+def scaled_mm(a_data: torch.Tensor, a_scales: torch.Tensor, a_block: tuple[int, int],
+              b_data: torch.Tensor, b_scales: torch.Tensor, b_block: tuple[int, int], fmt: str,
+              scale: torch.Tensor, terms=(), tile: dict | None = None) -> torch.Tensor:
+    """FP32 (Â·B̂ᵀ)·scale + terms straight from packed FP4 operands A [M, K], B [N, K] of one
+    format, blocks along K (codes and block scales as quantize returns them; the same block
+    length; K a multiple of the K tile: gemm_supported). No BF16 copies of Â, B̂ are made."""
     t = dict(GEMM_TILE, **(tile or {}))
-    (m, k), n = a.shape, b.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32, device=a.data.device)
+    m, k, n = a_data.shape[0], a_data.shape[1] * 2, b_data.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32, device=a_data.device)
     grid = (triton.cdiv(m, t["BLOCK_M"]) * triton.cdiv(n, t["BLOCK_N"]),)
     _fp4_gemm_kernel[grid](
-        a.data.contiguous(), a.block_scales.contiguous().view(torch.uint8),
-        b.data.contiguous(), b.block_scales.contiguous().view(torch.uint8),
+        a_data.contiguous(), a_scales.contiguous().view(torch.uint8),
+        b_data.contiguous(), b_scales.contiguous().view(torch.uint8),
         scale.to(device=out.device, dtype=torch.float32).reshape(1), out, m, n, k,
         *_term_args(terms, out.device),
         enable_fp_fusion=False,
-        BM_A=a.block[0], BM_B=b.block[0], BK=a.block[1], MX=a.fmt == "mxfp4",
+        BM_A=a_block[0], BM_B=b_block[0], BK=a_block[1], MX=fmt == "mxfp4",
         # The interpreter mishandles BF16 dot operands; FP32 holds the same (exact) values there
         # (and must not be rounded to TF32). On the GPU: BF16 tensor cores, FP32 accumulation.
-        DOT_DTYPE=tl.float32 if kernels.interpreting() else tl.bfloat16,
-        PRECISION="ieee" if kernels.interpreting() else "tf32", **t)
+        DOT_DTYPE=tl.float32 if interpreting() else tl.bfloat16,
+        PRECISION="ieee" if interpreting() else "tf32", **t)
     return out
 
 

@@ -93,7 +93,7 @@ class _QuantizedLinear(torch.autograd.Function):
         w_f = wp.rowwise
         ctx.observe(fprop_input=xq, fprop_weight=w_f)
 
-        y = qgemm(xq, w_f, bias=bias, out_dtype=x.dtype)
+        y = qgemm(xq, w_f, bias=bias, out_dtype=x.dtype, fp4_gemm=ctx.recipe.fp4_gemm)
         if ctx.mode == "row" and comm.distributed:
             y = comm.reduce_scatter(y) if sp else comm.all_reduce(y)
 
@@ -141,12 +141,12 @@ class _QuantizedLinear(torch.autograd.Function):
             gq_w, xq_w, w_d = gq.reoriented(), xq_w.reoriented(), w_d.reoriented()
         ctx.observe(dgrad_grad=gq, dgrad_weight=w_d, wgrad_grad=gq_w, wgrad_input=xq_w)
 
-        dx = qgemm(gq, w_d, out_dtype=grad_out.dtype)
+        dx = qgemm(gq, w_d, out_dtype=grad_out.dtype, fp4_gemm=ctx.recipe.fp4_gemm)
         if ctx.mode == "column" and comm.distributed:
             dx = comm.reduce_scatter(dx) if sp else comm.all_reduce(dx)
         dx = dx.view(autograd_ctx.x_shape)
 
-        dw = qgemm(gq_w, xq_w, cross_terms=once)
+        dw = qgemm(gq_w, xq_w, cross_terms=once, fp4_gemm=ctx.recipe.fp4_gemm)
         grad_bias = g.float().sum(0).to(grad_out.dtype) if autograd_ctx.has_bias else None
         if ctx.accumulate_main_grad:
             weight.main_grad.add_(dw)

@@ -95,6 +95,7 @@ def _quantize(ctx: LinearContext, role: str, x: torch.Tensor, call: int, reducer
         rng_offset=offset,
         reducer=reducer,
         transposed=transposed,
+        token_sum=ctx.recipe.token_sum,
         **shared,
     )
 
@@ -110,7 +111,8 @@ def _reused_stats(ctx: LinearContext, tensor: str, x2d: torch.Tensor, reducer,
     if (a.quantized and a.mean_split and b.mean_split and a.mean_format == b.mean_format
             and not row_rotated):
         shared["mean"] = (first.mean if first is not None
-                          else _store_mean(token_mean(x2d, 0, reducer), a.mean_format))
+                          else _store_mean(token_mean(x2d, 0, reducer, token_sum=r.token_sum),
+                                           a.mean_format))
     same_residual = "mean" in shared or (not a.mean_split and not b.mean_split)
     if (first is not None and first.amax is not None and same_residual and b.format == "nvfp4"
             and not row_rotated and not col_rotated):

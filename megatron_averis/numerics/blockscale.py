@@ -21,25 +21,25 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_averis import kernels
-from megatron_averis.numerics.e2m1 import (
+from megatron_averis.formats import (
+    E2M1_EMAX,
     E2M1_MAX,
+    E4M3_MAX,
+    E8M0_BIAS,
+    FLT_MAX,
+    MXFP4_BLOCK,
+    NVFP4_BLOCK,
+)
+from megatron_averis.numerics import backend
+from megatron_averis.numerics.e2m1 import (
     ROUNDING_MODES,
     decode_e2m1,
     encode_e2m1,
     pack_fp4,
     unpack_fp4,
 )
-from megatron_averis.numerics.hadamard import RHT_BLOCK, blockwise_rht
-from megatron_averis.numerics.random import StepSeed, position_uniform
-
-E4M3_MAX = 448.0
-FLT_MAX = torch.finfo(torch.float32).max
-NVFP4_BLOCK = 16
-MXFP4_BLOCK = 32
-E8M0_BIAS = 127
-# E2M1's largest power of two (emax_elem in the OCP MX specification): 6 = 1.5 · 2^2.
-E2M1_EMAX = 2
+from megatron_averis.numerics.hadamard import blockwise_rht
+from megatron_averis.numerics.random import StepSeed, _positions, position_uniform, seed_key
 
 
 def e8m0_to_fp32(biased: torch.Tensor) -> torch.Tensor:
@@ -78,10 +78,9 @@ class QuantizedTensor:
     def scaled_values(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """code · block scale, without the tensor scale. Exact in BF16 for both formats:
         a 2-bit E2M1 significand times a 4-bit E4M3 (or 1-bit E8M0) significand fits BF16's 8."""
-        if dtype in (torch.bfloat16, torch.float32) and kernels.enabled(self.data):
-            from megatron_averis.kernels import fp4
-
-            return fp4.scaled_values(self, dtype)
+        fp4 = backend.dequantize_kernels(self.data, dtype)
+        if fp4 is not None:
+            return fp4.scaled_values(self.data, self.block_scales, self.block, self.fmt, dtype)
         rows, cols = self.shape
         codes = unpack_fp4(self.data)
         vals = decode_e2m1(codes).view(rows, cols // self.block[1], self.block[1])
@@ -145,18 +144,29 @@ def _fp32(x: torch.Tensor, subtract: torch.Tensor | None,
     return x32 if signs is None else blockwise_rht(x32, signs)
 
 
-def _use_kernel(x: torch.Tensor, signs: torch.Tensor | None) -> bool:
-    """The kernels fuse the 16-sign RHT only; other sizes (reference only) stay in PyTorch."""
-    return kernels.use_for(x) and (signs is None or signs.numel() == RHT_BLOCK)
+def _kernel_quantize(fp4, x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str,
+                     sr_seed: int | StepSeed | None, rng_offset, **kw) -> QuantizedTensor:
+    """The quantize kernel's result as a QuantizedTensor. The stochastic-rounding stream is
+    handed over as the reference defines it: the key of an int seed (random.seed_key) or a
+    StepSeed's base and device-resident step, and index-tensor offsets checked by
+    random._positions."""
+    _check_rounding(rounding, sr_seed)
+    if rounding == "stochastic":
+        step = sr_seed.step if isinstance(sr_seed, StepSeed) else None
+        key = sr_seed.base if step is not None else seed_key(sr_seed)
+        offsets = tuple(_positions(o, n, x.device) if isinstance(o, torch.Tensor) else int(o)
+                        for o, n in zip(rng_offset, x.shape))
+        kw.update(sr_key=key, sr_step=step, rng_offset=offsets)
+    data, scales, tensor_scale = fp4.quantize(x, fmt, block, **kw)
+    return QuantizedTensor(data, scales, tensor_scale, fmt, tuple(block), tuple(x.shape))
 
 
 def abs_max(x: torch.Tensor, subtract: torch.Tensor | None = None,
             signs: torch.Tensor | None = None) -> torch.Tensor:
     """max |x - subtract| in FP32 as a 0-dim tensor (NaN if any element is NaN); with `signs`,
     max |blockwise_rht(x - subtract, signs)|."""
-    if _use_kernel(x, signs):
-        from megatron_averis.kernels import fp4
-
+    fp4 = backend.operand_kernels(x, signs)
+    if fp4 is not None:
         return fp4.amax(x, subtract, signs=signs)
     return _fp32(x, subtract, signs).abs().amax()
 
@@ -204,12 +214,10 @@ def quantize_nvfp4(
     if block not in ((1, NVFP4_BLOCK), (NVFP4_BLOCK, NVFP4_BLOCK)):
         raise ValueError(f"NVFP4 blocks are 1x16 or 16x16, got {block[0]}x{block[1]}")
     _check_2d(x, block, "NVFP4 quantization")
-    if _use_kernel(x, signs):
-        from megatron_averis.kernels import fp4
-
-        _check_rounding(rounding, sr_seed)
-        return fp4.quantize(x, "nvfp4", block, rounding, sr_seed, rng_offset, amax, subtract,
-                            signs=signs)
+    fp4 = backend.operand_kernels(x, signs)
+    if fp4 is not None:
+        return _kernel_quantize(fp4, x, "nvfp4", block, rounding, sr_seed, rng_offset,
+                                amax_t=amax, sub=subtract, signs=signs)
     x32 = _fp32(x, subtract, signs)
     if amax is None:
         amax = x32.abs().amax()
@@ -242,12 +250,10 @@ def quantize_mxfp4(
     """
     block = (1, MXFP4_BLOCK)
     _check_2d(x, block, "MXFP4 quantization")
-    if _use_kernel(x, signs):
-        from megatron_averis.kernels import fp4
-
-        _check_rounding(rounding, sr_seed)
-        return fp4.quantize(x, "mxfp4", block, rounding, sr_seed, rng_offset, None, subtract,
-                            signs=signs)
+    fp4 = backend.operand_kernels(x, signs)
+    if fp4 is not None:
+        return _kernel_quantize(fp4, x, "mxfp4", block, rounding, sr_seed, rng_offset,
+                                sub=subtract, signs=signs)
     x32 = _fp32(x, subtract, signs)
     rows, cols = x.shape
     amax = block_amax(x32, block)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-E2M1_MAX = 6.0
-E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+from megatron_averis.formats import E2M1_MAGNITUDES, E2M1_MAX
+
 ROUNDING_MODES = ("rne", "stochastic")
 
 # Midpoint between magnitude index i and i+1. Round-to-nearest-even sends a tie to the even index

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-RHT_BLOCK = 16
+from megatron_averis.formats import RHT_BLOCK
 
 
 def hadamard_matrix(n: int = RHT_BLOCK, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -28,21 +28,19 @@ full tensor. This module never calls torch.distributed itself.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from megatron_averis import kernels
-
+from megatron_averis.numerics import backend
 from megatron_averis.numerics.blockscale import (
     QuantizedTensor,
     abs_max,
     quantize_mxfp4,
     quantize_nvfp4,
 )
-from megatron_averis.numerics.hadamard import RHT_BLOCK, blockwise_rht
+from megatron_averis.numerics.hadamard import blockwise_rht
 from megatron_averis.numerics.random import StepSeed
 
 
@@ -196,20 +194,6 @@ def _as_fp32(stored) -> torch.Tensor:
     return stored.float()
 
 
-# How token sums are ordered: "torch" (torch.sum; its order is the device's and the library's) or
-# "pairwise" (pairwise_sum: a specified order, the same on every device, which the GPU stats
-# kernel reproduces bit for bit in the same pass that finds the residual's range).
-TOKEN_SUM_SWITCH = "MEGATRON_AVERIS_TOKEN_SUM"
-TOKEN_SUMS = ("torch", "pairwise")
-
-
-def token_sum_order() -> str:
-    order = os.environ.get(TOKEN_SUM_SWITCH, "torch")
-    if order not in TOKEN_SUMS:
-        raise ValueError(f"{TOKEN_SUM_SWITCH}={order!r}; use one of {TOKEN_SUMS}")
-    return order
-
-
 def pairwise_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """FP32 sums over `dim` by a pairwise tree: zero-pad to a power of two, then add adjacent
     pairs level by level (explicit additions: no accumulator starting at +0.0)."""
@@ -224,19 +208,22 @@ def pairwise_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def token_mean(
-    x: torch.Tensor, dim: int, reducer: StatsReducer = LOCAL, with_range: bool = False
+    x: torch.Tensor, dim: int, reducer: StatsReducer = LOCAL, with_range: bool = False,
+    token_sum: str = "torch",
 ):
     """FP32 mean of x over `dim`, with sums and counts combined over ranks in one collective.
 
+    token_sum: the order of the sums (backend.TOKEN_SUMS): "torch" (x.sum in FP32, torch's
+    order) or "pairwise" (pairwise_sum; the GPU stats kernel reproduces it bit for bit).
     with_range: also return the local per-feature (min, max) of x over `dim` when the GPU stats
     kernel produced them in the same pass (else None); quantize_operand derives the residual's
     amax from it instead of reading x again."""
+    backend.check_choice("token_sum", token_sum)
     rng = None
-    if token_sum_order() == "torch":
+    fp4 = backend.operand_kernels(x) if token_sum == "pairwise" else None
+    if token_sum == "torch":
         sums = x.sum(dim=dim, dtype=torch.float32)  # FP32 accumulation without an FP32 copy
-    elif kernels.use_for(x):
-        from megatron_averis.kernels import fp4
-
+    elif fp4 is not None:
         sums, rng = fp4.token_stats(x, dim)
     else:
         sums = pairwise_sum(x, dim)
@@ -273,6 +260,7 @@ def quantize_operand(
     transposed: bool = False,
     mean: torch.Tensor | QuantizedTensor | None = None,
     amax: torch.Tensor | None = None,
+    token_sum: str = "torch",
 ) -> QuantizedOperand:
     """Build a GEMM operand from x [rows, K] (blocks along K).
 
@@ -281,10 +269,12 @@ def quantize_operand(
     mean computed for another operand of the same tensor (fprop's μ of X is wgrad's μ of Xᵀ when
     neither is rotated along it), saving a reduction. `amax` likewise passes the (group-wide)
     NVFP4 residual amax of that operand: with the same mean and no rotation both operands
-    quantize the same residual, only transposed.
+    quantize the same residual, only transposed. `token_sum` orders the sums behind the mean
+    (token_mean; the recipe's token_sum field).
     """
     if x.dim() != 2:
         raise ValueError(f"a GEMM operand must be 2-D [rows, K], got shape {tuple(x.shape)}")
+    backend.check_choice("token_sum", token_sum)
     if fmt == "bf16":
         if mean_dim is not None or signs is not None:
             raise ValueError("mean split and RHT apply only to FP4 operands")
@@ -300,18 +290,18 @@ def quantize_operand(
     # is computed inside them (in registers by the GPU kernels), so neither R = X - μ̂ nor its
     # rotation is materialized. Without the kernels the rotation is applied here, once, instead.
     r, sub, rng, rot = x, None, None, None
-    fused_rht = signs is not None and signs.numel() == RHT_BLOCK and kernels.use_for(x)
+    fused_rht = signs is not None and backend.operand_kernels(x, signs) is not None
     if mean_dim == 0:
         # μ is the mean of the rotated operand (token_mean reads it), so it is materialized.
         if signs is not None:
             r = blockwise_rht(r.float(), signs)
         if mean is None:
-            m, rng = token_mean(r, 0, reducer, with_range=True)
+            m, rng = token_mean(r, 0, reducer, with_range=True, token_sum=token_sum)
             mean = _store_mean(m, mean_format)
         sub = _as_fp32(mean).view(1, -1)
     elif mean_dim == 1:
         if mean is None:
-            m, rng = token_mean(r, 1, reducer, with_range=True)
+            m, rng = token_mean(r, 1, reducer, with_range=True, token_sum=token_sum)
             mean = _store_mean(m, mean_format)
         sub = _as_fp32(mean).view(-1, 1)
         if signs is not None:

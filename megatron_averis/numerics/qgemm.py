@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_averis import kernels
+from megatron_averis.numerics import backend
 from megatron_averis.numerics.operand import QuantizedOperand, ones_along_k
 
 _MM_OUT_DTYPE_OK: dict[str, bool] = {}
@@ -87,27 +87,30 @@ class MeanTerm:
             return o if self.k is None else self.k * o
         return self.row.view(-1, 1) if self.row is not None else self.col.view(1, -1)
 
+    def fields(self) -> tuple:
+        """(row, col, k, scalar): the plain form the kernels take."""
+        return self.row, self.col, self.k, self.scalar
+
 
 def _product_plus_terms(a: QuantizedOperand, b: QuantizedOperand, terms: list[MeanTerm],
-                        out_dtype: torch.dtype, product=None) -> torch.Tensor:
+                        out_dtype: torch.dtype, product=None,
+                        fp4_gemm: str = "dequant") -> torch.Tensor:
     """(Â·B̂ᵀ)·(s_A·s_B) + Σ terms in FP32, rounded once to `out_dtype`. On CUDA the scale, the
     terms and the rounding are one kernel pass over the product (same FP32 operations, same
-    order); with MEGATRON_AVERIS_FP4_GEMM=fused a Triton GEMM reads the packed FP4 operands and
-    applies them in its epilogue. `product(a, b)`, when given, supplies the FP32 Â·B̂ᵀ instead
-    (Transformer Engine's native NVFP4 GEMM on Blackwell: megatron_averis.te.native)."""
+    order); with fp4_gemm="fused" a Triton GEMM reads the packed FP4 operands and applies them in
+    its epilogue. `product(a, b)`, when given, supplies the FP32 Â·B̂ᵀ instead (Transformer
+    Engine's native NVFP4 GEMM on Blackwell: megatron_averis.te.native)."""
     scale = a.scale() * b.scale()
-    if (product is None and a.qt is not None and b.qt is not None
-            and kernels.fused_gemm_enabled(a.qt.data)):
-        from megatron_averis.kernels import fp4
-
-        if fp4.gemm_supported(a.qt, b.qt) and len(terms) <= fp4.MAX_TERMS:
-            return fp4.scaled_mm(a.qt, b.qt, scale, terms).to(out_dtype)
+    fp4 = (backend.fused_gemm_kernels(a.qt, b.qt, len(terms), fp4_gemm)
+           if product is None and a.qt is not None and b.qt is not None else None)
+    if fp4 is not None:
+        return fp4.scaled_mm(a.qt.data, a.qt.block_scales, a.qt.block, b.qt.data,
+                             b.qt.block_scales, b.qt.block, a.qt.fmt, scale,
+                             [t.fields() for t in terms]).to(out_dtype)
     out = mm_fp32(a.values(), b.values()) if product is None else product(a, b)
-    if kernels.enabled(out):
-        from megatron_averis.kernels import fp4
-
-        if len(terms) <= fp4.MAX_TERMS:
-            return fp4.scale_and_add_terms(out, scale, terms, out_dtype)
+    fp4 = backend.epilogue_kernels(out, len(terms))
+    if fp4 is not None:
+        return fp4.scale_and_add_terms(out, scale, [t.fields() for t in terms], out_dtype)
     out = out * scale
     for term in terms:
         out += term.dense()
@@ -121,9 +124,12 @@ def _rowwise_dot(op: QuantizedOperand, v: torch.Tensor) -> torch.Tensor:
 
 def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = None,
           out_dtype: torch.dtype = torch.float32, product=None,
-          cross_terms: bool = False) -> torch.Tensor:
+          cross_terms: bool = False, fp4_gemm: str = "dequant") -> torch.Tensor:
     """[M, N] = A·Bᵀ (+ bias along N) as the FP4 hardware computes it, with exact Averis
-    rank-one terms, in FP32 and then rounded once to `out_dtype`."""
+    rank-one terms, in FP32 and then rounded once to `out_dtype`. fp4_gemm (the recipe's field,
+    backend.FP4_GEMMS): "dequant" (BF16 scaled values, then cuBLAS) or "fused" (a Triton GEMM
+    on the packed codes where the kernels run: FP32 sums in another order, other last bits)."""
+    backend.check_choice("fp4_gemm", fp4_gemm)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"reduction dimensions differ: A {a.shape}, B {b.shape}")
     if (a.signs is None) != (b.signs is None) or (
@@ -135,7 +141,7 @@ def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = 
     terms: list[MeanTerm] = []
     bias_terms = [MeanTerm(col=bias.float())] if bias is not None else []  # added last
     if ma is None and mb is None:
-        return _product_plus_terms(a, b, bias_terms, out_dtype, product)
+        return _product_plus_terms(a, b, bias_terms, out_dtype, product, fp4_gemm)
     k = a.shape[1]
     device = ma.device if ma is not None else mb.device
     ones = {}
@@ -165,4 +171,4 @@ def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = 
             terms.append(MeanTerm(row=torch.dot(e(), mb) * ma))
         else:
             terms.append(MeanTerm(row=ma, col=mb, k=k))
-    return _product_plus_terms(a, b, terms + bias_terms, out_dtype, product)
+    return _product_plus_terms(a, b, terms + bias_terms, out_dtype, product, fp4_gemm)

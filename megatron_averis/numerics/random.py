@@ -17,9 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_averis.formats import (
+    FMIX32_MUL1,
+    FMIX32_MUL2,
+    SEED_MIX_MUL,
+    SEED_MIX_START,
+    SR_COL_MUL,
+    SR_ROW_MUL,
+)
+
 _M32 = 0xFFFFFFFF
-_ROW_MUL = 0x9E3779B1  # 2^32 / golden ratio: spreads consecutive rows
-_COL_MUL = 0x85EBCA77
 
 
 def fmix32(h):
@@ -28,24 +35,20 @@ def fmix32(h):
     Products of two uint32 values can exceed int64's range; the wrap keeps the low 32 bits,
     which are all that is used."""
     h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _M32
+    h = (h * FMIX32_MUL1) & _M32
     h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _M32
+    h = (h * FMIX32_MUL2) & _M32
     return h ^ (h >> 16)
-
-
-_MIX_START = 0x243F6A88
-_MIX_MUL = 0x01000193
 
 
 def fold_seed(h, part):
     """One step of mix_seed: h and part are ints or int64 tensors holding uint32 values."""
-    return fmix32((h ^ (part & _M32)) * _MIX_MUL & _M32)
+    return fmix32((h ^ (part & _M32)) * SEED_MIX_MUL & _M32)
 
 
 def mix_seed(*parts: int) -> int:
     """Combine integers (base seed, layer id, call counter, operand role) into one 32-bit seed."""
-    h = _MIX_START
+    h = SEED_MIX_START
     for p in parts:
         h = fold_seed(h, int(p))
     return h
@@ -94,6 +97,6 @@ def position_uniform(
         key = key.to(device)
     r = _positions(offset[0], rows, device).view(rows, 1)
     c = _positions(offset[1], cols, device).view(1, cols)
-    hr = fmix32((r * _ROW_MUL + key) & _M32)
-    h = fmix32((hr ^ ((c * _COL_MUL) & _M32)) ^ key)
+    hr = fmix32((r * SR_ROW_MUL + key) & _M32)
+    h = fmix32((hr ^ ((c * SR_COL_MUL) & _M32)) ^ key)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))

@@ -36,11 +36,12 @@ def gemm_operands(gemm: str, x: OperandPair, w: OperandPair) -> tuple[QuantizedO
 
 
 def gemm(gemm: str, x: OperandPair, w: OperandPair, out_dtype: torch.dtype,
-         bias: torch.Tensor | None = None, product=None) -> torch.Tensor:
+         bias: torch.Tensor | None = None, product=None, fp4_gemm: str = "dequant") -> torch.Tensor:
     """The GEMM in FP32 as QuantizedLinear computes it, bias added in FP32, cast to out_dtype.
-    `product` replaces the residual product Â·B̂ᵀ (native FP4 GEMM, see native.py)."""
+    `product` replaces the residual product Â·B̂ᵀ (native FP4 GEMM, see native.py); fp4_gemm is
+    the recipe's GEMM path."""
     a, b = gemm_operands(gemm, x, w)
-    out = qgemm(a, b) if product is None else qgemm(a, b, product=product)
+    out = qgemm(a, b, fp4_gemm=fp4_gemm) if product is None else qgemm(a, b, product=product)
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)

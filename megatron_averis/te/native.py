@@ -22,11 +22,12 @@ import os
 
 import torch
 
+from megatron_averis.formats import E2M1_MAX, E4M3_MAX
 from megatron_averis.numerics.qgemm import mm_fp32, qgemm
 
 SWITCH = "MEGATRON_AVERIS_TE_GEMM"
 MODES = ("auto", "emulated", "native")
-E2M1_E4M3_MAX = 6.0 * 448.0
+E2M1_E4M3_MAX = E2M1_MAX * E4M3_MAX
 _checked = {"done": False}
 
 

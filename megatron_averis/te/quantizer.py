@@ -191,7 +191,8 @@ class AverisQuantizer(Quantizer):
         gemm = getattr(gemm_type, "value", gemm_type)
         a, b = core.gemm_operands(gemm, qresult_x.pair, qresult_w.pair)
         return core.gemm(gemm, qresult_x.pair, qresult_w.pair, out_dtype, bias,
-                         product=native.product_for(a, b))
+                         product=native.product_for(a, b),
+                         fp4_gemm=self.state.ctx.recipe.fp4_gemm)
 
     def supports_only_rowwise_all_gather(self) -> bool:
         return False

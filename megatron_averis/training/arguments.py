@@ -15,6 +15,7 @@ import os
 
 from megatron_averis.recipes import PRESETS as RECIPE_PRESETS
 from megatron_averis.recipes import DEPRECATED_NAMES as DEPRECATED_RECIPES
+from megatron_averis.numerics.backend import FP4_GEMMS, TOKEN_SUMS
 from megatron_averis.recipes import RecipeError, canonical_name, check_linear_shape, check_token_count, get_recipe
 from megatron_averis.training import divergence, fast_path, megatron_flags, preflight
 from megatron_averis.training.checkpoint_dirs import find_latest_checkpoint
@@ -121,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp4-recipe-override", action="append", default=[], metavar="KEY=VALUE",
                    help="change one recipe knob, e.g. wgrad_rht=false or grads.rounding=rne "
                         "(repeatable; see docs/recipes.md)")
+    g.add_argument("--fp4-token-sum", choices=TOKEN_SUMS, default=None,
+                   help="order of the token sums behind every Averis mean (the recipe's "
+                        "token_sum; default: the recipe's, torch): torch (torch.sum) or pairwise "
+                        "(a fixed tree order, the same on every device); they differ in the last "
+                        "bits (docs/performance.md)")
+    g.add_argument("--fp4-gemm", choices=FP4_GEMMS, default=None,
+                   help="FP4 GEMM path (the recipe's fp4_gemm; default: the recipe's, dequant): "
+                        "dequant (BF16 operands, cuBLAS) or fused (Triton GEMM on packed FP4); "
+                        "they differ in the last bits (docs/performance.md)")
     g.add_argument("--first-last-layers-bf16", action="store_true",
                    help="keep the first/last transformer layers in BF16 under an FP4 recipe")
     g.add_argument("--num-layers-at-start-in-bf16", type=int, default=None,
@@ -401,6 +411,10 @@ def _recipe_from_args(args, problems: list[str]):
         custom = args.fp4_recipe_requested == "custom"
         args.transformer_impl = "transformer_engine" if custom else "local"
     overrides = list(args.fp4_recipe_override)
+    # The implementation flags come last: they override the recipe and its overrides.
+    overrides += [f"{field}={value}" for field, value in (("token_sum", args.fp4_token_sum),
+                                                           ("fp4_gemm", args.fp4_gemm))
+                  if value is not None]
     if args.first_last_layers_bf16:
         start = 1 if args.num_layers_at_start_in_bf16 is None else args.num_layers_at_start_in_bf16
         end = 1 if args.num_layers_at_end_in_bf16 is None else args.num_layers_at_end_in_bf16
@@ -408,8 +422,10 @@ def _recipe_from_args(args, problems: list[str]):
     elif args.num_layers_at_start_in_bf16 is not None or args.num_layers_at_end_in_bf16 is not None:
         problems.append("--num-layers-at-start/end-in-bf16 have no effect without "
                         "--first-last-layers-bf16; add it or drop them")
-    if not args.fp4_recipe and (args.fp4_recipe_override or args.first_last_layers_bf16):
-        problems.append("--fp4-recipe-override / --first-last-layers-bf16 change an FP4 recipe; "
+    if not args.fp4_recipe and (args.fp4_recipe_override or args.first_last_layers_bf16
+                                or args.fp4_token_sum or args.fp4_gemm):
+        problems.append("--fp4-recipe-override / --first-last-layers-bf16 / --fp4-token-sum / "
+                        "--fp4-gemm change an FP4 recipe; "
                         f"choose one with --fp4-recipe {{{','.join(FP4_RECIPES)}}}")
         return get_recipe("bf16")
     try:

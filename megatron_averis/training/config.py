@@ -12,7 +12,7 @@ padded vocabulary, parallel layout and recomputation. training/model.py builds f
 diagnostics.checkpoint makes one from a checkpoint's saved configuration.
 
 Flags that finalize_args folds into other values (the architecture flags into `arch`, the recipe
-flags into `recipe`, iteration/sample schedule lengths into `lr_schedule_samples`, Megatron-LM
+flags into `recipe` (--fp4-token-sum / --fp4-gemm into its token_sum / fp4_gemm fields), iteration/sample schedule lengths into `lr_schedule_samples`, Megatron-LM
 flags without effect into `ignored_flags`) have no field: FOLDED_AT_FINALIZE names them.
 """
 
@@ -257,6 +257,7 @@ def folded_at_finalize() -> frozenset[str]:
         # -> ModelConfig.arch / .recipe / .padded_vocab_size
         "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by", "fp4_format",
         "fp4_recipe", "fp4_recipe_requested", "fp4_quantizer_factory", "fp4_recipe_override",
+        "fp4_token_sum", "fp4_gemm",
         "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
         "recompute_activations",  # -> recompute_granularity
         # -> BatchConfig.train_iters and ScheduleConfig.lr_schedule_samples

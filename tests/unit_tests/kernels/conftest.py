@@ -6,13 +6,11 @@ tensors when the session was started with TRITON_INTERPRET=1:
     TRITON_INTERPRET=1 python3 -m pytest -q tests/unit_tests/kernels
 """
 
-import contextlib
-import os
-
 import pytest
 import torch
 
 from megatron_averis import kernels
+from megatron_averis.numerics import backend
 
 
 @pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "cpu-interpreter"])
@@ -28,20 +26,7 @@ def kdev(request):
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def reference_numerics():
-    """Force the PyTorch reference inside the block (MEGATRON_AVERIS_KERNELS=0)."""
-    old = os.environ.get(kernels.ENV_SWITCH)
-    os.environ[kernels.ENV_SWITCH] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[kernels.ENV_SWITCH]
-        else:
-            os.environ[kernels.ENV_SWITCH] = old
-
-
 @pytest.fixture
 def reference():
-    return reference_numerics
+    """A context manager that forces the PyTorch reference inside its block."""
+    return backend.reference_only

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_averis import kernels
 from megatron_averis.linear import QuantizedLinear
 from megatron_averis.numerics import (
     QuantizedTensor,
@@ -14,9 +13,11 @@ from megatron_averis.numerics import (
     quantize_operand,
     random_signs,
 )
+from megatron_averis.numerics import backend
+from megatron_averis.numerics.backend import TOKEN_SUMS
 from megatron_averis.numerics.blockscale import abs_max
 from megatron_averis.numerics.random import StepSeed, mix_seed
-from megatron_averis.numerics.operand import TOKEN_SUM_SWITCH, TOKEN_SUMS, pairwise_sum
+from megatron_averis.numerics.operand import pairwise_sum
 from megatron_averis.recipes import get_recipe
 
 GPU_ONLY_ROWS = 4096  # larger shapes are too slow for the interpreter
@@ -274,21 +275,20 @@ OPERAND_CASES = [
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("rounding", ["rne", "stochastic"])
 @pytest.mark.parametrize("shape", [(64, 96), (992, 160), (8192, 3072)])
-def test_quantize_operand_matches_reference(kdev, reference, kernel_calls, monkeypatch, mean_dim,
+def test_quantize_operand_matches_reference(kdev, reference, kernel_calls, mean_dim,
                                             rht, mean_format, fmt, rounding, shape, token_sum):
     """fprop/dgrad operands [T, K] (mean_dim 0) and wgrad operands Xᵀ read from X [T, K]
     (mean_dim 1), with the mean split, the RHT, and the reducer hooks; under both token-sum
     orders (pairwise: the stats kernel computes the sums and the residual's range)."""
     if token_sum == "pairwise" and mean_dim is None:
         pytest.skip("no mean")
-    monkeypatch.setenv(TOKEN_SUM_SWITCH, token_sum)
     t, k = shape
     _skip_big(kdev, t, k)
     x_src = _data(t, k, 7, torch.bfloat16, kdev)
     x = x_src.t() if mean_dim == 1 else x_src
     kw = dict(block=(1, 32) if fmt == "mxfp4" else (1, 16), rounding=rounding, mean_dim=mean_dim,
               mean_format=mean_format, signs=random_signs(11).to(kdev) if rht else None,
-              sr_seed=99, rng_offset=(16, 32), transposed=mean_dim == 1)
+              sr_seed=99, rng_offset=(16, 32), transposed=mean_dim == 1, token_sum=token_sum)
     red_got, red_want = RecordingReducer(), RecordingReducer()
     got = quantize_operand(x, fmt, reducer=red_got, **kw)
     with reference():
@@ -385,13 +385,13 @@ def test_quantize_operand_with_shared_mean(kdev, reference):
     assert_same_operand(got, want)
 
 
-def test_env_switch_forces_reference(kdev, monkeypatch, kernel_calls):
+def test_reference_only_forces_reference(kdev, kernel_calls):
     x = _data(32, 64, 9, torch.float32, kdev)
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    quantize_nvfp4(x)
-    quantize_operand(x, "mxfp4", block=(1, 32), mean_dim=0)
+    with backend.reference_only():
+        quantize_nvfp4(x)
+        quantize_operand(x, "mxfp4", block=(1, 32), mean_dim=0)
+        quantize_nvfp4(x).scaled_values()
     assert kernel_calls == {"quantize": 0, "amax": 0, "scaled_values": 0}
-    monkeypatch.setenv(kernels.ENV_SWITCH, "1")
     quantize_nvfp4(x)
     assert kernel_calls["quantize"] == 1
 
@@ -408,16 +408,16 @@ def test_argument_errors_match_reference(kdev):
 
 @pytest.mark.parametrize("token_sum", TOKEN_SUMS)
 @pytest.mark.parametrize("recipe", ["nvfp4-plain", "averis", "mxfp4", "nvfp4", "averis-rht"])
-def test_linear_step_identical_with_kernels(kdev, reference, monkeypatch, recipe, token_sum):
+def test_linear_step_identical_with_kernels(kdev, reference, recipe, token_sum):
     """The whole quantized linear (forward + backward): same outputs and gradients bit for bit."""
-    monkeypatch.setenv(TOKEN_SUM_SWITCH, token_sum)
     x = _data(128, 64, 11, torch.float32, kdev)
     gy = _data(128, 96, 12, torch.float32, kdev) * 0.01
 
     def run():
         # a fresh layer: the SR seeds depend on the layer's call counter
         torch.manual_seed(0)
-        layer = QuantizedLinear(64, 96, recipe=get_recipe(recipe), device=kdev, stream_id=3)
+        layer = QuantizedLinear(64, 96, recipe=get_recipe(recipe, [f"token_sum={token_sum}"]),
+                                device=kdev, stream_id=3)
         xi = x.clone().requires_grad_()
         y = layer(xi)
         y.backward(gy)
@@ -480,7 +480,8 @@ def test_fused_gemm_is_fp32_accumulation_of_the_exact_values(kdev, fmt, blocks, 
         lambda t, blk: quantize_nvfp4(t, blk))
     qa, qb = quant(a, blocks[0]), quant(b, blocks[1])
     s = qa.tensor_scale * qb.tensor_scale
-    got = fp4.scaled_mm(qa, qb, s).double().cpu()
+    got = fp4.scaled_mm(qa.data, qa.block_scales, qa.block, qb.data, qb.block_scales, qb.block,
+                        fmt, s).double().cpu()
     va = qa.scaled_values(torch.float32).double().cpu()
     vb = qb.scaled_values(torch.float32).double().cpu()
     want = (va @ vb.t()) * s.double().cpu()
@@ -520,17 +521,21 @@ def test_qgemm_epilogue_matches_reference(kdev, reference, mean_a, mean_b, rht, 
 
 @pytest.mark.parametrize("mean_a,mean_b", QGEMM_CASES)
 def test_fused_gemm_with_mean_terms(kdev, monkeypatch, mean_a, mean_b):
-    """MEGATRON_AVERIS_FP4_GEMM=fused: same result as the dequant path up to FP32 summation order."""
+    """fp4_gemm="fused": same result as the dequant path up to FP32 summation order."""
+    from megatron_averis.kernels import fp4
     from megatron_averis.numerics import qgemm
 
+    calls = []
+    real = fp4.scaled_mm
+    monkeypatch.setattr(fp4, "scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     qa, qb = _qgemm_operands(kdev, mean_a, mean_b, rht=False)
     dequant = qgemm(qa, qb)
-    monkeypatch.setenv(kernels.GEMM_SWITCH, "fused")
-    fused = qgemm(qa, qb)
+    assert not calls
+    fused = qgemm(qa, qb, fp4_gemm="fused")
+    assert calls == [1]
     assert (fused - dequant).abs().max() <= 1e-5 * dequant.abs().max()
-    monkeypatch.setenv(kernels.GEMM_SWITCH, "bogus")
-    with pytest.raises(ValueError, match="MEGATRON_AVERIS_FP4_GEMM"):
-        qgemm(qa, qb)
+    with pytest.raises(ValueError, match="fp4_gemm='bogus'"):
+        qgemm(qa, qb, fp4_gemm="bogus")
 
 
 @pytest.mark.parametrize("shape", [(1, 5), (3, 7), (65, 33), (1000, 96), (4096, 40), (8192, 3072)])
@@ -555,12 +560,11 @@ def test_token_stats_equal_pairwise_sum(kdev, shape, dtype):
         assert_same_tensor(hi, v.float().amax(dim))
 
 
-def test_token_sum_switch(monkeypatch):
-    from megatron_averis.numerics.operand import token_sum_order
+def test_token_sum_choice():
+    from megatron_averis.numerics.operand import token_mean
 
-    monkeypatch.setenv(TOKEN_SUM_SWITCH, "bogus")
-    with pytest.raises(ValueError, match=TOKEN_SUM_SWITCH):
-        token_sum_order()
+    with pytest.raises(ValueError, match="token_sum='bogus'"):
+        token_mean(torch.ones(4, 2), 0, token_sum="bogus")
     # pairwise_sum is a pairwise tree: (1 + 0) + (2^-24 + 2^-24) = 1 + 2^-23 in FP32, where a
     # left-to-right sum loses both 2^-24 to rounding
     x = torch.tensor([[1.0], [0.0], [2.0**-24], [2.0**-24], [0.0]])

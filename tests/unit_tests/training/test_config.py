@@ -100,3 +100,31 @@ def test_git_state_names_the_checkout_and_its_uncommitted_changes():
         pytest.skip("not a git checkout")
     clean = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode == 0
     assert git_state() == {"git_commit": head.stdout.strip(), "git_dirty": not clean}
+
+
+def test_implementation_flags_are_recipe_fields_in_the_saved_config(tmp_path):
+    """--fp4-token-sum / --fp4-gemm land in the recipe (over --fp4-recipe-override), and the
+    run's saved configuration (config.flags: config.json, metrics.jsonl's first record,
+    checkpoints) records them; a saved recipe loads back with them."""
+    from megatron_averis.diagnostics.checkpoint import recipe_from_dict
+
+    default = TrainingConfig.from_args(finalize_args(parse_args(stored_command(tmp_path)), 1), 1000)
+    assert (default.model.recipe.token_sum, default.model.recipe.fp4_gemm) == ("torch", "dequant")
+    assert default.flags["recipe"]["token_sum"] == "torch"
+    argv = stored_command(tmp_path, add=["--fp4-recipe-override", "token_sum=torch",
+                                         "--fp4-token-sum", "pairwise", "--fp4-gemm", "fused"])
+    config = TrainingConfig.from_args(finalize_args(parse_args(argv), 1), 1000)
+    recipe = config.model.recipe
+    assert (recipe.name, recipe.token_sum, recipe.fp4_gemm) == ("averis", "pairwise", "fused")
+    saved = config.flags["recipe"]
+    assert (saved["token_sum"], saved["fp4_gemm"]) == ("pairwise", "fused")
+    assert (config.flags["fp4_token_sum"], config.flags["fp4_gemm"]) == ("pairwise", "fused")
+    assert recipe_from_dict(dict(saved)) == recipe
+
+
+def test_implementation_flags_need_an_fp4_recipe(tmp_path):
+    from test_megatron_command import refusal
+
+    argv = stored_command(tmp_path, drop=("--fp4-recipe", "--fp4-format"),
+                          add=["--fp4-gemm", "fused"])
+    assert "--fp4-gemm change an FP4 recipe" in refusal(argv)
