@@ -1,7 +1,11 @@
 """One quantized linear per recipe: forward+backward time as a ratio to BF16 (CUDA), and the bytes
 its forward keeps for backward (every device).
 
-    python benchmarks/linear_step.py [--tokens 8192 --in 1024 --out 3072] [--device cpu]
+    python benchmarks/linear_step.py [--tokens 8192 --in 1024 --out 3072] [--device cpu] \
+        [--recipe-override token_sum=pairwise --recipe-override fp4_gemm=fused]
+
+--recipe-override changes a knob of every recipe (docs/recipes.md), e.g. the implementation
+fields token_sum and fp4_gemm (docs/performance.md).
 
 Saved for backward: linear.saved.SavedBytes around one forward (saved_tensors_hooks, each storage
 once, the layer's parameters excluded): BF16 keeps X [tokens, in]; the FP4 recipes keep X's
@@ -16,7 +20,7 @@ import torch
 
 from megatron_averis.linear import QuantizedLinear
 from megatron_averis.linear.saved import SavedBytes
-from megatron_averis.recipes import PRESETS
+from megatron_averis.recipes import PRESETS, get_recipe
 
 
 def saved_bytes(layer, x) -> int:
@@ -51,6 +55,8 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda: times and bytes; cpu: bytes only")
+    p.add_argument("--recipe-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="applied to every recipe (repeatable)")
     a = p.parse_args()
     device = torch.device(a.device)
     timed = device.type == "cuda"
@@ -62,7 +68,8 @@ def main():
           "|---|---|---|---|---|")
     base_t = base_b = None
     for recipe in PRESETS:
-        layer = QuantizedLinear(a.k, a.n, bias=False, recipe=recipe, device=device)
+        layer = QuantizedLinear(a.k, a.n, bias=False, recipe=get_recipe(recipe, a.recipe_override),
+                                device=device)
         b = saved_bytes(layer, x)
         base_b = base_b or b
         cells = "– | –"

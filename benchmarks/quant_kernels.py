@@ -6,7 +6,7 @@ Table 1: each kernel's achieved GB/s (bytes it must read + write / time) and its
 device-to-device copy bandwidth measured in the same run on the same number of bytes.
 Table 2: for every GEMM of a Qwen3-0.6B and a Llama-1B layer (qkv, proj, fc1, fc2; fprop, dgrad,
 wgrad), the time to quantize its operands and run the emulated FP4 GEMM, over the time of the BF16
-GEMM, per recipe and per GEMM implementation (MEGATRON_AVERIS_FP4_GEMM=dequant|fused). Table 3:
+GEMM, per recipe and per GEMM implementation (the recipe field fp4_gemm: dequant | fused). Table 3:
 the GEMM alone (operands already quantized) against torch.mm(out_dtype=float32) on BF16 values.
 
 Every time is GPU time: the call is captured REPS times in a CUDA graph, each preceded by a 256 MB
@@ -19,17 +19,15 @@ The model's training step runs these kernels from a CUDA graph too (model_step.p
 from __future__ import annotations
 
 import argparse
-import os
-from contextlib import contextmanager
 
 import torch
 import triton.testing
 
-from megatron_averis import kernels
 from megatron_averis.kernels import fp4
-from megatron_averis.numerics import qgemm, quantize_mxfp4, quantize_nvfp4, quantize_operand
-from megatron_averis.numerics.operand import TOKEN_SUM_SWITCH, token_mean
+from megatron_averis.numerics import backend, qgemm, quantize_mxfp4, quantize_nvfp4, quantize_operand
+from megatron_averis.numerics.operand import token_mean
 from megatron_averis.numerics.qgemm import mm_fp32
+from megatron_averis.numerics.random import seed_key
 
 # (hidden, ffn, q heads x head dim, kv heads x head dim) from the models' config.json
 MODELS = {
@@ -106,19 +104,6 @@ def bench(fn) -> float:
     return max(_graph_ms(calls) - _graph_ms(evictions), 0.0) / REPS
 
 
-@contextmanager
-def env(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def copy_gbps(nbytes: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
@@ -161,7 +146,7 @@ def kernel_table(shapes):
                 t_ref = bench(lambda: token_mean(x, 0))
                 ref = f"{t_ref:.3f} (torch.sum mean) | {t_ref / t:.1f}x"
             elif not name.startswith("amax"):
-                with env(kernels.ENV_SWITCH, "0"):
+                with backend.reference_only():
                     t_ref = host_bench(fn)
                 ref = f"{t_ref:.3f} | {t_ref / t:.1f}x"
             gbps = nbytes / t / 1e6
@@ -184,34 +169,36 @@ def tile_sweep(rows, cols):
     nbytes = 2 * n + n // 2 + n // 16
     print("| tile (rows, cols, warps) | row-major GB/s | transposed read GB/s |\n|---|---|---|")
     for tile in configs:
-        kw = dict(amax_t=amax, tile=tile)
-        t_r = bench(lambda: fp4.quantize(x, "nvfp4", (1, 16), "stochastic", 1, (0, 0), sub=mean, **kw))
-        t_t = bench(lambda: fp4.quantize(xt_src.t(), "nvfp4", (1, 16), "stochastic", 1, (0, 0),
-                                         sub=mean, **kw))
+        kw = dict(amax_t=amax, tile=tile, sr_key=seed_key(1), sub=mean)
+        t_r = bench(lambda: fp4.quantize(x, "nvfp4", (1, 16), **kw))
+        t_t = bench(lambda: fp4.quantize(xt_src.t(), "nvfp4", (1, 16), **kw))
         print(f"| {tile} | {nbytes / t_r / 1e6:.0f} | {nbytes / t_t / 1e6:.0f} |")
 
 
 def recipe_operands(recipe: str, gemm: str, x, w, g):
     """Closures quantizing the operands of one GEMM as the linear layer does (shared W
-    quantization and shared means as in linear/function.py), and the BF16 reference GEMM."""
+    quantization and shared means as in linear/function.py), and the BF16 reference GEMM.
+    `averis-pairwise` is averis with the recipe field token_sum=pairwise."""
     sr = dict(rounding="stochastic", sr_seed=7)
+    order = dict(token_sum="pairwise" if recipe.endswith("pairwise") else "torch")
     averis = recipe.startswith("averis")
     wblock = (16, 16) if averis else (1, 16)
     if gemm == "fprop":
         def quant():
-            return (quantize_operand(x, "nvfp4", mean_dim=0 if averis else None),
+            return (quantize_operand(x, "nvfp4", mean_dim=0 if averis else None, **order),
                     quantize_operand(w, "nvfp4", block=wblock))
         return quant, lambda: torch.mm(x, w.t())
     if gemm == "dgrad":
         def quant():
-            gq = quantize_operand(g, "nvfp4", mean_dim=0 if averis else None, **(sr if averis else {}))
+            gq = quantize_operand(g, "nvfp4", mean_dim=0 if averis else None, **order,
+                                  **(sr if averis else {}))
             wq = (quantize_operand(w, "nvfp4", block=wblock).t() if averis
                   else quantize_operand(w.t(), "nvfp4", transposed=True))
             return gq, wq
         return quant, lambda: torch.mm(g, w)
     # wgrad: the means come from fprop/dgrad (shared), so they are not part of this GEMM's cost
-    g_mean = quantize_operand(g, "nvfp4", mean_dim=0).mean if averis else None
-    x_mean = quantize_operand(x, "nvfp4", mean_dim=0).mean if averis else None
+    g_mean = quantize_operand(g, "nvfp4", mean_dim=0, **order).mean if averis else None
+    x_mean = quantize_operand(x, "nvfp4", mean_dim=0, **order).mean if averis else None
 
     def quant():
         return (quantize_operand(g.t(), "nvfp4", mean_dim=1 if averis else None, mean=g_mean,
@@ -235,12 +222,10 @@ def gemm_table(tokens: int, recipes, modes):
             for gemm in ("fprop", "dgrad", "wgrad"):
                 ratios = []
                 for recipe in recipes:
-                    order = "pairwise" if recipe.endswith("pairwise") else "torch"
                     quant, bf16 = recipe_operands(recipe, gemm, x, w, g)
                     t_bf16 = bench(bf16)
                     for mode in modes:
-                        with env(kernels.GEMM_SWITCH, mode), env(TOKEN_SUM_SWITCH, order):
-                            t = bench(lambda: qgemm(*quant()))
+                        t = bench(lambda: qgemm(*quant(), fp4_gemm=mode))
                         ratios.append(t / t_bf16)
                     if recipe == recipes[0]:
                         a, b = quant()
@@ -258,11 +243,18 @@ def gemm_only_table(cases):
     for model, name, gemm, a, b, t_bf16 in cases:
         va, vb = a.values(), b.values()
         t_deq = bench(lambda: mm_fp32(a.values(), b.values()) * (a.scale() * b.scale()))
-        t_fused = (bench(lambda: fp4.scaled_mm(a.qt, b.qt, a.scale() * b.scale()))
-                   if fp4.gemm_supported(a.qt, b.qt) else float("nan"))
+        fused = backend.fused_gemm_kernels(a.qt, b.qt, 0, "fused")
+        t_fused = (bench(lambda: fused.scaled_mm(*_packed(a.qt), *_packed(b.qt), a.qt.fmt,
+                                                 a.scale() * b.scale()))
+                   if fused is not None else float("nan"))
         t_mm = bench(lambda: mm_fp32(va, vb))
         print(f"| {model} | {name} | {gemm} | {t_bf16:.3f} | {t_deq:.3f} ({t_deq / t_bf16:.2f}) "
               f"| {t_fused:.3f} ({t_fused / t_bf16:.2f}) | {t_mm:.3f} ({t_mm / t_bf16:.2f}) |")
+
+
+def _packed(qt):
+    """A QuantizedTensor as the kernels take it: codes, block scales, block."""
+    return qt.data, qt.block_scales, qt.block
 
 
 def gemm_tile_sweep(tokens: int):
@@ -278,7 +270,7 @@ def gemm_tile_sweep(tokens: int):
                                       (64, 128, 128, 4, 3), (128, 64, 128, 4, 4)]:
         tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         try:
-            t = bench(lambda: fp4.scaled_mm(a, b, s, tile=tile))
+            t = bench(lambda: fp4.scaled_mm(*_packed(a), *_packed(b), a.fmt, s, tile=tile))
             print(f"| {tile} | {t:.3f} | {t / t_bf16:.2f} |")
         except Exception as e:  # e.g. out of shared memory for this tile: report, go on
             print(f"| {tile} | failed: {type(e).__name__} | |")
@@ -292,7 +284,7 @@ def main():
     a = p.parse_args()
     global DEVICE
     DEVICE = a.device
-    if not kernels.enabled(torch.empty(1, device=DEVICE)):
+    if backend.kernels_for(torch.empty(1, device=DEVICE)) is None:
         raise SystemExit("needs a CUDA device with Triton (and MEGATRON_AVERIS_KERNELS not 0)")
     torch.manual_seed(0)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)"
@@ -301,9 +293,9 @@ def main():
     kernel_table(shapes)
     if not a.quick:
         tile_sweep(a.tokens, 3072)
-    # averis-pairwise: MEGATRON_AVERIS_TOKEN_SUM=pairwise (fused stats pass for the mean)
+    # averis-pairwise: averis with token_sum=pairwise (fused stats pass for the mean)
     recipes = ["averis"] if a.quick else ["nvfp4-plain", "averis", "averis-pairwise"]
-    cases = gemm_table(a.tokens, recipes, kernels.GEMM_MODES)
+    cases = gemm_table(a.tokens, recipes, backend.FP4_GEMMS)
     gemm_only_table(cases)
     if not a.quick:
         gemm_tile_sweep(a.tokens)
