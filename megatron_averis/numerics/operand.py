@@ -220,10 +220,9 @@ def token_mean(
     amax from it instead of reading x again."""
     backend.check_choice("token_sum", token_sum)
     rng = None
-    fp4 = backend.operand_kernels(x) if token_sum == "pairwise" else None
     if token_sum == "torch":
         sums = x.sum(dim=dim, dtype=torch.float32)  # FP32 accumulation without an FP32 copy
-    elif fp4 is not None:
+    elif (fp4 := backend.operand_kernels(x)) is not None:
         sums, rng = fp4.token_stats(x, dim)
     else:
         sums = pairwise_sum(x, dim)
