@@ -36,28 +36,34 @@ KERNELS_SWITCH = "MEGATRON_AVERIS_KERNELS"
 # reproduces bit for bit in the same pass that finds the residual's range).
 TOKEN_SUMS = ("torch", "pairwise")
 # fp4_gemm: "dequant" (BF16 scaled values from the dequantize kernel, then cuBLAS with FP32
-# accumulation) or "fused" (one Triton GEMM that dequantizes packed FP4 in its prologue; its FP32
-# sums run in another order than cuBLAS's).
-FP4_GEMMS = ("dequant", "fused")
+# accumulation), "fused" (one Triton GEMM that dequantizes packed FP4 in its prologue; its FP32
+# sums run in another order than cuBLAS's), "native" (the FP4 tensor cores through Transformer
+# Engine's GEMM: the TE route on sm_100+, te/native.py; refused elsewhere) or "auto" (native
+# where the TE route runs on such a GPU, else dequant). Numerics treat native/auto as dequant:
+# only the TE adapter substitutes the hardware product.
+FP4_GEMMS = ("dequant", "fused", "native", "auto")
 
 # Environment variables that used to choose result-changing paths on every call -> (the recipe
 # field, the trainer flag) that replaces each.
 LEGACY_SWITCHES = {
     "MEGATRON_AVERIS_TOKEN_SUM": ("token_sum", "--fp4-token-sum"),
     "MEGATRON_AVERIS_FP4_GEMM": ("fp4_gemm", "--fp4-gemm"),
+    "MEGATRON_AVERIS_TE_GEMM": ("fp4_gemm", "--fp4-gemm"),
 }
+# Old values that the field spells differently.
+LEGACY_VALUES = {"emulated": "dequant"}
 
 
 def check_legacy_environment(environ=os.environ) -> None:
     """Refuse the retired switches: a run must record what changes its results in its config."""
     for var, (field, flag) in LEGACY_SWITCHES.items():
         if var in environ:
+            value = LEGACY_VALUES.get(environ[var], environ[var])
             raise RuntimeError(
                 f"{var}={environ[var]!r} is no longer read: it changes results, so it is now the "
                 f"recipe field `{field}`, recorded in the run's config. Unset {var} and pass "
-                f"{flag} {environ[var]} to the trainer, --fp4-recipe-override {field}="
-                f"{environ[var]}, or get_recipe(name, ['{field}={environ[var]}']) from Python "
-                "(docs/performance.md, Switches)")
+                f"{flag} {value} to the trainer, --fp4-recipe-override {field}={value}, or "
+                f"get_recipe(name, ['{field}={value}']) from Python (docs/performance.md, Switches)")
 
 
 check_legacy_environment()

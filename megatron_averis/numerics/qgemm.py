@@ -128,8 +128,14 @@ def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = 
     """[M, N] = A·Bᵀ (+ bias along N) as the FP4 hardware computes it, with exact Averis
     rank-one terms, in FP32 and then rounded once to `out_dtype`. fp4_gemm (the recipe's field,
     backend.FP4_GEMMS): "dequant" (BF16 scaled values, then cuBLAS) or "fused" (a Triton GEMM
-    on the packed codes where the kernels run: FP32 sums in another order, other last bits)."""
+    on the packed codes where the kernels run: FP32 sums in another order, other last bits);
+    "auto" is "dequant" here and "native" needs the tensor-core `product` of the Transformer
+    Engine route (te/native.py)."""
     backend.check_choice("fp4_gemm", fp4_gemm)
+    if fp4_gemm == "native" and product is None:
+        raise ValueError("fp4_gemm='native': the FP4 tensor-core product comes from the Transformer "
+                         "Engine route on sm_100+ (te/native.py), and this GEMM has none; use "
+                         "fp4_gemm='auto' or 'dequant'")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"reduction dimensions differ: A {a.shape}, B {b.shape}")
     if (a.signs is None) != (b.signs is None) or (

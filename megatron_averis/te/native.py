@@ -9,33 +9,25 @@ Averis rank-one terms stay ours (FP32, numerics.qgemm): each storage gets amax =
 makes TE's global GEMM scale amax_A·amax_B/(6·448)² equal to 1, and qgemm multiplies by
 s_A·s_B as in the emulation.
 
-Not run yet (no Blackwell machine): the first native product in a process is therefore compared
-with the emulated one and must agree to FP32 accumulation-order tolerance, else this raises and
-names the switch that forces emulation. MEGATRON_AVERIS_TE_GEMM = auto (default: native where
-available) | emulated | native (fail if unavailable).
+The recipe's `fp4_gemm` field chooses (recorded in the run's config; --fp4-gemm): `auto` uses
+the native product wherever it can run, `native` requires it (refused at start-up off sm_100+ or
+off the TE route, and per GEMM when a shape does not fit), `dequant` / `fused` keep the
+emulation. Not run yet (no Blackwell machine): the first native product in a process is
+therefore compared with the emulated one and must agree to FP32 accumulation-order tolerance,
+else this raises and names the setting that forces emulation.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 
 from megatron_averis.formats import E2M1_MAX, E4M3_MAX
 from megatron_averis.numerics.qgemm import mm_fp32, qgemm
 
-SWITCH = "MEGATRON_AVERIS_TE_GEMM"
-MODES = ("auto", "emulated", "native")
 E2M1_E4M3_MAX = E2M1_MAX * E4M3_MAX
 _checked = {"done": False}
-
-
-def mode() -> str:
-    m = os.environ.get(SWITCH, "auto")
-    if m not in MODES:
-        raise ValueError(f"{SWITCH}={m!r}; use one of {MODES}")
-    return m
 
 
 def qgemm_accepts_product() -> bool:
@@ -56,18 +48,19 @@ def _aligned(a, b) -> bool:
     return m % 16 == 0 and n % 16 == 0 and k % 32 == 0
 
 
-def product_for(a, b):
-    """The native product for operands a, b, or None to use the emulation."""
-    m = mode()
-    if m == "emulated":
+def product_for(a, b, fp4_gemm: str):
+    """The native product for operands a, b, or None to use the emulation (fp4_gemm: the
+    recipe's field)."""
+    if fp4_gemm not in ("auto", "native"):
         return None
     usable = (a.qt is not None and b.qt is not None and a.qt.fmt == b.qt.fmt == "nvfp4"
               and _aligned(a, b) and hardware_fp4(a.qt.data.device) and qgemm_accepts_product())
     if not usable:
-        if m == "native":
-            raise RuntimeError(f"{SWITCH}=native but the native NVFP4 GEMM cannot be used here "
+        if fp4_gemm == "native":
+            raise RuntimeError("fp4_gemm=native but the native NVFP4 GEMM cannot be used here "
                                "(needs sm_100+, TE NVFP4 support, NVFP4 operands with M, N "
-                               "multiples of 16 and K of 32, and numerics.qgemm's product= seam)")
+                               "multiples of 16 and K of 32, and numerics.qgemm's product= seam); "
+                               "use --fp4-gemm auto to emulate where it cannot")
         return None
     return checked_product
 
@@ -111,6 +104,6 @@ def checked_product(a, b) -> torch.Tensor:
         if not bool(err <= tol):
             raise RuntimeError(f"native NVFP4 GEMM disagrees with the emulated product (max "
                                f"abs diff {err.item():.3e}, allowed {tol.item():.3e}); set "
-                               f"{SWITCH}=emulated and report it")
+                               "--fp4-gemm dequant and report it")
         _checked["done"] = True
     return out

@@ -190,9 +190,9 @@ class AverisQuantizer(Quantizer):
                              "gradient-accumulation fusion off")
         gemm = getattr(gemm_type, "value", gemm_type)
         a, b = core.gemm_operands(gemm, qresult_x.pair, qresult_w.pair)
+        fp4_gemm = self.state.ctx.recipe.fp4_gemm
         return core.gemm(gemm, qresult_x.pair, qresult_w.pair, out_dtype, bias,
-                         product=native.product_for(a, b),
-                         fp4_gemm=self.state.ctx.recipe.fp4_gemm)
+                         product=native.product_for(a, b, fp4_gemm), fp4_gemm=fp4_gemm)
 
     def supports_only_rowwise_all_gather(self) -> bool:
         return False

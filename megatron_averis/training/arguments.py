@@ -129,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "bits (docs/performance.md)")
     g.add_argument("--fp4-gemm", choices=FP4_GEMMS, default=None,
                    help="FP4 GEMM path (the recipe's fp4_gemm; default: the recipe's, dequant): "
-                        "dequant (BF16 operands, cuBLAS) or fused (Triton GEMM on packed FP4); "
-                        "they differ in the last bits (docs/performance.md)")
+                        "dequant (BF16 operands, cuBLAS), fused (Triton GEMM on packed FP4), "
+                        "native (FP4 tensor cores through Transformer Engine: "
+                        "--transformer-impl transformer_engine on sm_100+) or auto (native where "
+                        "it can run, else dequant); they differ in the last bits "
+                        "(docs/performance.md)")
     g.add_argument("--first-last-layers-bf16", action="store_true",
                    help="keep the first/last transformer layers in BF16 under an FP4 recipe")
     g.add_argument("--num-layers-at-start-in-bf16", type=int, default=None,
@@ -556,6 +559,22 @@ def _transformer_engine_problems() -> list[str]:
     return []
 
 
+def _native_gemm_problems(args) -> list[str]:
+    """fp4_gemm=native: the FP4 tensor cores are reached only through Transformer Engine's GEMM
+    on sm_100+ (te/native.py)."""
+    import torch
+
+    fix = "; use --fp4-gemm auto (native where it can run) or dequant"
+    if args.transformer_impl != "transformer_engine":
+        return ["--fp4-gemm native runs only on the Transformer Engine route: add "
+                "--transformer-impl transformer_engine" + fix]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (10, 0):
+        name = torch.cuda.get_device_name()
+        return [f"--fp4-gemm native needs FP4 tensor cores (sm_100+); this GPU ({name}) has "
+                "none" + fix]
+    return []
+
+
 def _fp4_shape_problems(args, arch: ModelArch, recipe) -> list[str]:
     """The quantized GEMMs' dimensions (per tensor-parallel rank) must split into whole blocks."""
     tp = args.tensor_model_parallel_size
@@ -734,6 +753,8 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             if not recipe.is_bf16:
                 problems += _fp4_shape_problems(args, arch, recipe)
 
+    if recipe is not None and recipe.fp4_gemm == "native":
+        problems += _native_gemm_problems(args)
     if args.transformer_impl == "transformer_engine":
         problems += _transformer_engine_problems()
         if recipe is not None:

@@ -84,15 +84,17 @@ def test_kernels_package_loads_without_numerics_and_switch_is_read_once():
                                        "on after setting the variable: False"]
 
 
-@pytest.mark.parametrize("var,value,flag,field", [
-    ("MEGATRON_AVERIS_TOKEN_SUM", "pairwise", "--fp4-token-sum", "token_sum"),
-    ("MEGATRON_AVERIS_FP4_GEMM", "fused", "--fp4-gemm", "fp4_gemm"),
+@pytest.mark.parametrize("var,old,flag,field,value", [
+    ("MEGATRON_AVERIS_TOKEN_SUM", "pairwise", "--fp4-token-sum", "token_sum", "pairwise"),
+    ("MEGATRON_AVERIS_FP4_GEMM", "fused", "--fp4-gemm", "fp4_gemm", "fused"),
+    ("MEGATRON_AVERIS_TE_GEMM", "native", "--fp4-gemm", "fp4_gemm", "native"),
+    ("MEGATRON_AVERIS_TE_GEMM", "emulated", "--fp4-gemm", "fp4_gemm", "dequant"),
 ])
-def test_legacy_environment_variables_are_refused(var, value, flag, field):
+def test_legacy_environment_variables_are_refused(var, old, flag, field, value):
     with pytest.raises(RuntimeError) as e:
-        backend.check_legacy_environment({var: value})
+        backend.check_legacy_environment({var: old})
     msg = str(e.value)
-    assert var in msg and f"{flag} {value}" in msg and f"{field}={value}" in msg
+    assert f"{var}={old!r}" in msg and f"{flag} {value}" in msg and f"{field}={value}" in msg
     backend.check_legacy_environment({"MEGATRON_AVERIS_KERNELS": "0"})  # the debug switch stays
 
 
@@ -144,7 +146,7 @@ def test_recipe_token_sum_reaches_the_mean():
     assert (np.abs(pairwise.numpy() - exact) <= bound).all()
 
 
-@pytest.mark.parametrize("fp4_gemm", ["dequant", "fused"])
+@pytest.mark.parametrize("fp4_gemm", ["dequant", "fused", "auto"])
 def test_recipe_fp4_gemm_reaches_every_gemm(monkeypatch, fp4_gemm):
     asked = []
 
@@ -158,6 +160,23 @@ def test_recipe_fp4_gemm_reaches_every_gemm(monkeypatch, fp4_gemm):
     x = torch.randn(32, 64, requires_grad=True)
     layer(x).sum().backward()
     assert asked == [fp4_gemm] * 3  # fprop, dgrad, wgrad
+
+
+def test_native_gemm_needs_the_tensor_core_product():
+    """fp4_gemm=native outside the Transformer Engine route (no product) is an error, not a
+    silent emulation; auto emulates, bit for bit as dequant."""
+    layer = QuantizedLinear(64, 32, recipe=get_recipe("averis", ["fp4_gemm=native"]),
+                            dtype=torch.float32)
+    with pytest.raises(ValueError, match="fp4_gemm='auto' or 'dequant'"):
+        layer(torch.randn(32, 64))
+    x = torch.randn(32, 64)
+    outs = []
+    for path in ("auto", "dequant"):
+        torch.manual_seed(0)
+        lin = QuantizedLinear(64, 32, recipe=get_recipe("averis", [f"fp4_gemm={path}"]),
+                              dtype=torch.float32)
+        outs.append(lin(x))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_recipe_fields_default_and_validate():

@@ -9,7 +9,7 @@ import torch
 from megatron_averis.linear import QuantizedLinear
 from megatron_averis.linear.function import LinearContext
 from megatron_averis.linear.operands import OperandPair, quantize_tensor
-from megatron_averis.recipes import get_recipe
+from megatron_averis.recipes import RecipeError, get_recipe
 from megatron_averis.te import core, factories, native
 from megatron_averis.te.availability import TransformerEngineMissing, require_te, te_installed
 from megatron_averis.te.model import FACTORY_PATH, te_config_fields
@@ -107,19 +107,21 @@ def test_transformer_impl_flag(tmp_path):
                                          "--fp4-recipe", "averis"]), 1)
     msg = "\n".join(e.value.problems)
     assert "--transformer-impl transformer_engine" in msg and "--transformer-impl local" in msg
+    with pytest.raises(ConfigError) as e:  # the FP4 tensor cores are reached only through TE
+        finalize_args(parse_args(base + ["--fp4-recipe", "averis", "--fp4-gemm", "native"]), 1)
+    assert any("--fp4-gemm native runs only on the Transformer Engine route" in p
+               for p in e.value.problems)
 
 
-def test_native_gemm_switch(monkeypatch):
-    monkeypatch.setenv(native.SWITCH, "fast")
-    with pytest.raises(ValueError, match="emulated"):
-        native.mode()
-    monkeypatch.setenv(native.SWITCH, "auto")
+def test_native_gemm_follows_the_recipe_field():
+    with pytest.raises(RecipeError, match="fp4_gemm='fast' is unknown"):
+        get_recipe("nvfp4-plain", ["fp4_gemm=fast"])
     op = quantize_tensor(LinearContext(recipe=get_recipe("nvfp4-plain")), "input", torch.randn(32, 64),
                        rowwise=True, columnwise=False, row_call=1, col_call=1).rowwise
-    assert native.product_for(op, op) is None  # CPU: the emulated product
-    monkeypatch.setenv(native.SWITCH, "native")
+    for emulated in ("auto", "dequant", "fused"):  # CPU: auto falls back to the emulation
+        assert native.product_for(op, op, emulated) is None
     with pytest.raises(RuntimeError, match="sm_100"):
-        native.product_for(op, op)
+        native.product_for(op, op, "native")
 
 
 def _te_call_pattern(recipe, stream, x, weight, g, call, split_input: bool):
