@@ -11,16 +11,46 @@ config fields.
 
 from __future__ import annotations
 
-from megatron_averis.recipes import Recipe
+import dataclasses
+
+import torch
+
+from megatron_averis.recipes import Recipe, get_recipe
 
 FACTORY_PATH = "megatron_averis.te.factories.configured"
 
 
-def te_config_fields(recipe: Recipe) -> dict:
-    """TransformerConfig fields that make megatron-core run `recipe` through TE (none: BF16)."""
+def is_nvidia_recipe(recipe: Recipe) -> bool:
+    """`recipe` is the `nvfp4` preset (NVIDIA's recipe), up to the fields that do not change its
+    definition: BF16 edge layers, the GEMM path, the token-sum order (it has no means) and the
+    seeds of its random streams (under NVFP4BlockScaling they are Transformer Engine's)."""
+    keep = dict(bf16_first_layers=0, bf16_last_layers=0, fp4_gemm="dequant", token_sum="torch",
+                sr_seed=0, rht_seed=0)
+    preset = get_recipe("nvfp4")
+    return dataclasses.replace(recipe, name=preset.name, **keep) == dataclasses.replace(preset, **keep)
+
+
+def runs_te_nvfp4(recipe: Recipe, device: torch.device | str | None) -> bool:
+    """The dispatch for Blackwell: `nvfp4` runs as Transformer Engine's own NVFP4BlockScaling
+    (TE's quantization kernels and FP4 GEMMs) when its fp4_gemm lets the hardware run (auto or
+    native) and `device` has FP4 tensor cores with TE's NVFP4 support. Every other FP4 recipe runs
+    our CustomRecipe, whose residual GEMMs go native under the same conditions (native.py)."""
+    from megatron_averis.te import native
+
+    if device is None or recipe.fp4_gemm not in ("auto", "native") or not is_nvidia_recipe(recipe):
+        return False
+    return native.hardware_fp4(torch.device(device))
+
+
+def te_config_fields(recipe: Recipe, device: torch.device | str | None = None) -> dict:
+    """TransformerConfig fields that make megatron-core run `recipe` through TE on `device`
+    (none: BF16): TE's NVFP4BlockScaling where runs_te_nvfp4, else the Averis CustomRecipe."""
     if recipe.is_bf16:
         return {}
-    fields = dict(fp4="e2m1", fp4_recipe="custom", fp4_quantizer_factory=FACTORY_PATH)
+    if runs_te_nvfp4(recipe, device):
+        fields = dict(fp4="e2m1", fp4_recipe="nvfp4")
+    else:
+        fields = dict(fp4="e2m1", fp4_recipe="custom", fp4_quantizer_factory=FACTORY_PATH)
     if recipe.bf16_first_layers or recipe.bf16_last_layers:
         fields.update(first_last_layers_bf16=True,
                       num_layers_at_start_in_bf16=recipe.bf16_first_layers,
@@ -41,11 +71,17 @@ def build_te_gpt_model(config, recipe: Recipe, *, vocab_size: int, max_seq_len: 
 
     from megatron_averis.te import factories
 
-    expected = te_config_fields(recipe)
+    te_nvfp4 = getattr(config, "fp4_recipe", None) == "nvfp4"
+    if te_nvfp4 and not is_nvidia_recipe(recipe):
+        raise ValueError(f"fp4_recipe='nvfp4' runs Transformer Engine's NVFP4BlockScaling, which is "
+                         f"the nvfp4 preset, not {recipe.name!r}; build the config with "
+                         "te_config_fields(recipe, device)")
+    expected = ({k: v for k, v in te_config_fields(recipe).items() if k != "fp4_quantizer_factory"}
+                | {"fp4_recipe": "nvfp4"} if te_nvfp4 else te_config_fields(recipe))
     if any(getattr(config, k) != v for k, v in expected.items()) or (recipe.is_bf16 and config.fp4):
         raise ValueError(f"the TransformerConfig does not select recipe {recipe.name!r} for TE; "
-                         "build it with te_config_fields(recipe)")
-    if config.gradient_accumulation_fusion and not recipe.is_bf16:
+                         "build it with te_config_fields(recipe, device)")
+    if config.gradient_accumulation_fusion and not recipe.is_bf16 and not te_nvfp4:
         raise ValueError("TE hands custom-recipe GEMMs no main_grad buffer; set "
                          "gradient_accumulation_fusion=False")
     factories.configure(recipe)

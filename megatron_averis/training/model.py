@@ -57,7 +57,7 @@ def transformer_config(cfg: ModelConfig, device: torch.device) -> TransformerCon
         recompute_granularity=cfg.recompute_granularity,
         recompute_method=cfg.recompute_method,
         recompute_num_layers=cfg.recompute_num_layers,
-        **(te_config_fields(cfg.recipe) if cfg.uses_te else {}),
+        **(te_config_fields(cfg.recipe, device) if cfg.uses_te else {}),
     )
 
 

@@ -73,6 +73,26 @@ def test_configured_factory_needs_a_recipe():
     assert c.factory.recipe == r
 
 
+@pytest.mark.parametrize("name, overrides, fp4_tensor_cores, expected", [
+    ("nvfp4", ["fp4_gemm=auto"], True, "nvfp4"),
+    ("nvfp4", ["fp4_gemm=native", "bf16_first_layers=1", "sr_seed=9"], True, "nvfp4"),
+    ("nvfp4-rht", ["fp4_gemm=auto"], True, "nvfp4"),  # the deprecated alias is the same recipe
+    ("nvfp4", [], True, "custom"),  # fp4_gemm=dequant: emulated, as asked
+    ("nvfp4", ["fp4_gemm=auto"], False, "custom"),  # Hopper: no FP4 tensor cores
+    ("nvfp4", ["fp4_gemm=auto", "wgrad_rht=false"], True, "custom"),  # not NVIDIA's recipe
+    ("nvfp4-nohadamard", ["fp4_gemm=auto"], True, "custom"),
+    ("averis", ["fp4_gemm=auto"], True, "custom"),  # residual GEMMs native inside (native.py)
+])
+def test_blackwell_dispatch(monkeypatch, name, overrides, fp4_tensor_cores, expected):
+    monkeypatch.setattr(native, "hardware_fp4", lambda device: fp4_tensor_cores)
+    recipe = get_recipe(name, overrides)
+    fields = te_config_fields(recipe, "cuda:0")
+    assert fields["fp4_recipe"] == expected
+    assert ("fp4_quantizer_factory" in fields) == (expected == "custom")
+    assert ("num_layers_at_start_in_bf16" in fields) == (recipe.bf16_first_layers > 0)
+    assert te_config_fields(recipe)["fp4_recipe"] == "custom"  # no device given: ours
+
+
 def test_te_config_fields_select_the_configured_factory():
     from megatron.core.fp8_utils import _resolve_callable_from_python_import_path
     from megatron.core.transformer.transformer_config import TransformerConfig
