@@ -5,7 +5,8 @@
 # 2. linear_step.py: one linear's forward+backward per recipe, at the Qwen3-0.6B fc1 and Llama-1B
 #    fc1 shapes (docs/performance.md, Commands);
 # 3. model_step.py: the whole training step of qwen3-0.6b and llama-1b per recipe, eager and as a
-#    CUDA graph (the trainer's --cuda-graph-impl local), with the targets.
+#    CUDA graph (the trainer's --cuda-graph-impl local), with the targets;
+# 4. the BF16 step again with Transformer Engine's layers, where TE is installed.
 # Standard error goes into the report too, so a failure's traceback is kept with the figures.
 set -euo pipefail
 
@@ -47,4 +48,15 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then com
     echo '## Whole training step (benchmarks/model_step.py)'
     echo
     python3 benchmarks/model_step.py --profile bf16 nvfp4-nohadamard averis --json "${report%.md}-model-step.json"
+    echo
+    echo '## BF16 step with Transformer Engine layers (--transformer-impl transformer_engine)'
+    echo
+    if python3 -c "import transformer_engine.pytorch" 2>/dev/null; then
+        # The same step with TE's fused layers (norm+linear, attention), beside the local BF16 above.
+        python3 benchmarks/model_step.py --recipes bf16 --profile bf16 \
+            --trainer-args='--transformer-impl transformer_engine' --json "${report%.md}-model-step-te.json"
+    else
+        echo "Transformer Engine is not installed here: skipped (the docker image has it; on the GPU"
+        echo "machine, install the TE kit's wheels first)."
+    fi
 } 2>&1 | tee "$report"
