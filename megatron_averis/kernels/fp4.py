@@ -35,7 +35,7 @@ import triton.language as tl
 
 from megatron_averis import formats
 from megatron_averis.formats import MXFP4_BLOCK, RHT_BLOCK
-from megatron_averis.kernels import interpreting
+from megatron_averis.kernels import DEQUANTIZE_DTYPES, interpreting
 
 FLT_MAX = tl.constexpr(formats.FLT_MAX)
 E2M1_MAX = tl.constexpr(formats.E2M1_MAX)
@@ -207,12 +207,15 @@ def _seed_key(key, step_ptr, STEP_SEED: tl.constexpr):
 # without it every element is its own 2-byte load.
 @triton.jit(do_not_specialize=["key", "off_r", "off_c"])
 def _quantize_kernel(
-    x_ptr, sx_r, sx_c, sub_ptr, amax_ptr, q_ptr, s_ptr, ts_ptr,
+    x_ptr, sx_r, sx_c, sub_ptr, amax_ptr, q_ptr, s_ptr, ts_ptr, v_ptr,
     R, C, key, step_ptr, off_r, off_c, ridx_ptr, cidx_ptr,
     BR: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
     MX: tl.constexpr, SR: tl.constexpr, STEP_SEED: tl.constexpr, SUB_DIM: tl.constexpr,
     ROW_IDX: tl.constexpr, COL_IDX: tl.constexpr, RHT: tl.constexpr, NEG: tl.constexpr,
+    PAYLOAD: tl.constexpr, VALUES: tl.constexpr,
 ):
+    """PAYLOAD: store the packed codes and block scales. VALUES: store code × block scale
+    (what _dequant_kernel would make of them) to v_ptr [R, C], contiguous, in its dtype."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
@@ -259,20 +262,42 @@ def _quantize_kernel(
         mult = tl.math.div_rn(tl.full(s_blk.shape, 1.0, tl.float32), s_blk * s_dec)
         mult = tl.where(mult > FLT_MAX, FLT_MAX, mult)
     if BM > 1:
-        mult = tl.reshape(tl.broadcast_to(tl.expand_dims(mult, 1), [BR // BM, BM, NB]), [BR, NB])
+        mult = _rows_of_blocks(mult, BR, BM, NB)
 
     keyu = _seed_key(key, step_ptr, STEP_SEED)
     codes = _encode_e2m1(x * tl.expand_dims(mult, 2), r3, c3, R, C, keyu, off_r, off_c,
                          ridx_ptr, cidx_ptr, SR, ROW_IDX, COL_IDX)
-    lo, hi = tl.split(tl.reshape(codes, [BR, NB, BK // 2, 2]))
-    half_c = C // 2
-    qc = (blks[:, None] * (BK // 2) + tl.arange(0, BK // 2)[None, :]).to(tl.int64)[None, :, :]
-    tl.store(q_ptr + r3 * half_c + qc, (lo | (hi << 4)).to(tl.uint8), mask=(r3 < R) & (qc < half_c))
+    if PAYLOAD:
+        lo, hi = tl.split(tl.reshape(codes, [BR, NB, BK // 2, 2]))
+        half_c = C // 2
+        qc = (blks[:, None] * (BK // 2) + tl.arange(0, BK // 2)[None, :]).to(tl.int64)[None, :, :]
+        tl.store(q_ptr + r3 * half_c + qc, (lo | (hi << 4)).to(tl.uint8),
+                 mask=(r3 < R) & (qc < half_c))
+        n_sc = C // BK
+        srows = (pid_r * (BR // BM) + tl.arange(0, BR // BM)).to(tl.int64)[:, None]
+        sc = blks[None, :]
+        tl.store(s_ptr + srows * n_sc + sc, stored.to(tl.uint8),
+                 mask=(srows < R // BM) & (sc < n_sc))
+    if VALUES:
+        # Decoded from the very byte the payload stores, as _dequant_kernel decodes it.
+        s = stored.to(tl.uint8).to(tl.int32)
+        if BM > 1:
+            s = _rows_of_blocks(s, BR, BM, NB)
+        tl.store(v_ptr + r3 * C + c3, _block_values(codes, s, MX).to(v_ptr.dtype.element_ty),
+                 mask=(r3 < R) & (c3 < C))
 
-    n_sc = C // BK
-    srows = (pid_r * (BR // BM) + tl.arange(0, BR // BM)).to(tl.int64)[:, None]
-    sc = blks[None, :]
-    tl.store(s_ptr + srows * n_sc + sc, stored.to(tl.uint8), mask=(srows < R // BM) & (sc < n_sc))
+
+@triton.jit
+def _rows_of_blocks(t, BR: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr):
+    """Per-block values [BR/BM, NB] repeated for each of their block's BM rows: [BR, NB]."""
+    return tl.reshape(tl.broadcast_to(tl.expand_dims(t, 1), [BR // BM, BM, NB]), [BR, NB])
+
+
+@triton.jit
+def _block_values(codes, s, MX: tl.constexpr):
+    """FP32 code × block scale for codes [BR, NB, BK] and their stored scales [BR, NB] (int32
+    holding the byte): the GEMM operand, exact in BF16 (QuantizedTensor.scaled_values)."""
+    return _e2m1_value(codes) * tl.expand_dims(_scale_value(s, MX), 2)
 
 
 @triton.jit
@@ -316,7 +341,7 @@ def _dequant_kernel(q_ptr, s_ptr, out_ptr, R, C,
     sr = (rows // BM).to(tl.int64)[:, None]
     sc = blks[None, :]
     s = tl.load(s_ptr + sr * n_sc + sc, mask=(sr < R // BM) & (sc < n_sc), other=0).to(tl.int32)
-    out = _e2m1_value(codes) * tl.expand_dims(_scale_value(s, MX), 2)
+    out = _block_values(codes, s, MX)
     c3 = (blks[:, None] * BK + tl.arange(0, BK)[None, :]).to(tl.int64)[None, :, :]
     tl.store(out_ptr + r3 * C + c3, out.to(out_ptr.dtype.element_ty), mask=(r3 < R) & (c3 < C))
 
@@ -335,7 +360,7 @@ def _fp4_tile(q_ptr, s_ptr, rows, k0, R, C,
     ks = (k0 // BK + tl.arange(0, BLOCK_K // BK))[None, :]
     sr = (rows // BM).to(tl.int64)[:, None]
     s = tl.load(s_ptr + sr * n_sc + ks, mask=(sr < R // BM) & (ks < n_sc), other=0).to(tl.int32)
-    v = _e2m1_value(codes) * tl.expand_dims(_scale_value(s, MX), 2)
+    v = _block_values(codes, s, MX)
     return tl.reshape(v, [BLOCK_R, BLOCK_K]).to(DOT_DTYPE)
 
 
@@ -565,50 +590,62 @@ def amax(x: torch.Tensor, sub: torch.Tensor | None = None, tile=None,
 def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], *,
              amax_t: torch.Tensor | None = None, sub: torch.Tensor | None = None,
              signs: torch.Tensor | None = None, sr_key: int | None = None,
-             sr_step: torch.Tensor | None = None, rng_offset=(0, 0),
-             tile=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             sr_step: torch.Tensor | None = None, rng_offset=(0, 0), tile=None,
+             values: torch.dtype | None = None, payload: bool = True):
     """NVFP4 (1x16, 16x16) or MXFP4 (1x32) quantization of x - sub along the last dimension;
     with `signs`, of blockwise_rht(x.float() - sub, signs), rotated in registers. The caller has
     validated the arguments. NVFP4 takes the tensor amax `amax_t` if given.
 
-    Returns (codes uint8 [R, C/2] two per byte, block scales, FP32 0-dim tensor scale); block
-    scales are float8_e4m3fn [R/bm, C/bk] (NVFP4) or uint8 E8M0 exponents [R, C/32] (MXFP4).
+    Returns (codes uint8 [R, C/2] two per byte, block scales, FP32 0-dim tensor scale, scaled
+    values); block scales are float8_e4m3fn [R/bm, C/bk] (NVFP4) or uint8 E8M0 exponents
+    [R, C/32] (MXFP4). `values` (a DEQUANTIZE_DTYPES dtype): also write code × block scale
+    [R, C] in that dtype in the same pass, equal bit for bit to scaled_values() of the codes and
+    scales (else None). payload=False: skip the codes and block scales (returned as None) when
+    only the GEMM operand is needed.
 
     Stochastic rounding when `sr_key` is given: the stream's uint32 key is sr_key itself
     (random.seed_key of an int seed) or, with `sr_step` (a one-element int64 tensor read on the
     device), the key of fold_seed(sr_key, step). rng_offset: per dimension the global index of
     the first local row / column, or an int64 tensor of every local one's global index."""
+    if not payload and values is None:
+        raise ValueError("quantize with payload=False writes nothing unless `values` is given")
+    if values is not None and values not in DEQUANTIZE_DTYPES:
+        raise ValueError(f"scaled values are written as one of {DEQUANTIZE_DTYPES}, not {values}")
     R, C = x.shape
     bm, bk = block
     mx = fmt == "mxfp4"
     sr = sr_key is not None
     sub_t, sub_dim = _sub_arg(x, sub)
     rht, neg = _rht_arg(signs, C)
-    data = torch.empty(R, C // 2, dtype=torch.uint8, device=x.device)
     tensor_scale = torch.empty((), dtype=torch.float32, device=x.device)
-    if mx:
-        scales = torch.empty(R, C // MXFP4_BLOCK, dtype=torch.uint8, device=x.device)
-        amax_arg = tensor_scale  # unused
-    else:
-        scales = torch.empty(R // bm, C // bk, dtype=torch.float8_e4m3fn, device=x.device)
-        if amax_t is None:
-            amax_t = amax(x, sub, signs=signs)
-        amax_arg = amax_t.to(device=x.device, dtype=torch.float32).reshape(1)
+    unread = tensor_scale  # the pointer argument of whatever this launch does not touch
+    data = scales = vals = None
+    if payload:
+        data = torch.empty(R, C // 2, dtype=torch.uint8, device=x.device)
+        scales = torch.empty((R, C // MXFP4_BLOCK) if mx else (R // bm, C // bk),
+                             dtype=torch.uint8 if mx else torch.float8_e4m3fn, device=x.device)
+    if values is not None:
+        vals = torch.empty(R, C, dtype=values, device=x.device)
+    if not mx and amax_t is None:
+        amax_t = amax(x, sub, signs=signs)
+    amax_arg = unread if mx else amax_t.to(device=x.device, dtype=torch.float32).reshape(1)
     step_seed = sr and sr_step is not None
     key = _int32(sr_key) if sr else 0
-    step = sr_step.to(device=x.device, dtype=torch.int64) if step_seed else data
+    step = sr_step.to(device=x.device, dtype=torch.int64) if step_seed else unread
     off_r, ridx, row_idx = _offset_arg(rng_offset[0]) if sr else (0, None, False)
     off_c, cidx, col_idx = _offset_arg(rng_offset[1]) if sr else (0, None, False)
     br, bc, warps = _tile(R, C, x, bk, bm, tile)
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     _quantize_kernel[grid](
-        x, x.stride(0), x.stride(1), sub_t, amax_arg, data, scales.view(torch.uint8), tensor_scale,
-        R, C, key, step, off_r, off_c, ridx if row_idx else data, cidx if col_idx else data,
+        x, x.stride(0), x.stride(1), sub_t, amax_arg,
+        data if payload else unread, scales.view(torch.uint8) if payload else unread,
+        tensor_scale, vals if vals is not None else unread,
+        R, C, key, step, off_r, off_c, ridx if row_idx else unread, cidx if col_idx else unread,
         BR=br, NB=bc // bk, BK=bk, BM=bm, MX=mx, SR=sr, STEP_SEED=step_seed, SUB_DIM=sub_dim,
-        ROW_IDX=row_idx, COL_IDX=col_idx, RHT=rht, NEG=neg,
-        enable_fp_fusion=False, num_warps=warps,
+        ROW_IDX=row_idx, COL_IDX=col_idx, RHT=rht, NEG=neg, PAYLOAD=payload,
+        VALUES=vals is not None, enable_fp_fusion=False, num_warps=warps,
     )
-    return data, scales, tensor_scale
+    return data, scales, tensor_scale, vals
 
 
 def scaled_values(data: torch.Tensor, block_scales: torch.Tensor, block: tuple[int, int],

@@ -102,10 +102,11 @@ class TPComm:
             return QuantizedOperand(tuple(shape), bf16=self.gather(op.bf16, dim),
                                     transposed=op.transposed)
         qt = op.qt
+        data, block_scales, tensor_scale = qt.packed()
         gathered = QuantizedTensor(
-            data=self.gather(qt.data, dim),
-            block_scales=self.gather(qt.block_scales, dim),
-            tensor_scale=qt.tensor_scale,
+            data=self.gather(data, dim),
+            block_scales=self.gather(block_scales, dim),
+            tensor_scale=tensor_scale,
             fmt=qt.fmt,
             block=qt.block,
             shape=tuple(shape),

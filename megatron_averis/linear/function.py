@@ -26,6 +26,10 @@ and all-gathers that payload in backward (BF16 X is gathered in forward instead 
 tokens do not fill whole wgrad blocks: _gathers_fp4). Under a quantize-once recipe
 (averis-paper) X, W and G are quantized once, along features; X̂ and Ŵ are saved packed and
 dgrad/wgrad read them in the other orientation (QuantizedOperand.reoriented, emulation only).
+
+Operands that a GEMM reads at once (fprop X and W, backward's G) are quantized with their BF16
+GEMM values written in the quantize pass and, unless they are also saved or gathered, without a
+packed payload (linear.operands.operand_output).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import warnings
 import torch
 
 from megatron_averis.linear.context import MODES, LinearContext
-from megatron_averis.linear.operands import quantize_tensor
+from megatron_averis.linear.operands import operand_output, quantize_tensor
 from megatron_averis.linear.saved import pack_operands, unpack_operands
 from megatron_averis.numerics.qgemm import qgemm
 from megatron_averis.recipes import check_token_count, wgrad_token_multiple
@@ -85,11 +89,13 @@ class _QuantizedLinear(torch.autograd.Function):
         # Backward's X operand is built now, in the orientation wgrad reads (Xᵀ along tokens;
         # X̂ itself under quantize-once, reoriented in backward after any gather).
         xp = quantize_tensor(ctx, "input", x2d, columnwise=not once, row_call=call,
-                             tokens_sharded=tokens_split)
+                             tokens_sharded=tokens_split, row_output=operand_output(
+                                 ctx, gemm_now=not tokens_split, kept=once or tokens_split))
         xq, x_saved = xp.rowwise, (xp.rowwise if once else xp.columnwise)
         if tokens_split:
             xq = comm.gather_operand(xq, 0)
-        wp = quantize_tensor(ctx, "weight", weight, columnwise=not once, row_call=call)
+        wp = quantize_tensor(ctx, "weight", weight, columnwise=not once, row_call=call,
+                             row_output=operand_output(ctx, gemm_now=True, kept=once))
         w_f = wp.rowwise
         ctx.observe(fprop_input=xq, fprop_weight=w_f)
 
@@ -127,8 +133,10 @@ class _QuantizedLinear(torch.autograd.Function):
             g = comm.gather(g, 0)
         tokens_split = row_sp and autograd_ctx.gather_fp4
 
+        # G's operands feed dgrad and wgrad now; a token shard is gathered first (payload).
+        g_out = operand_output(ctx, gemm_now=not tokens_split, kept=tokens_split)
         gp = quantize_tensor(ctx, "grad_output", g, columnwise=not once, row_call=call,
-                             tokens_sharded=tokens_split)
+                             tokens_sharded=tokens_split, row_output=g_out, col_output=g_out)
         gq, gq_w = gp.rowwise, gp.columnwise
         # Token-sharded operands are gathered along tokens: dim 0 of X and G, dim 1 of Xᵀ and Gᵀ.
         if tokens_split:

@@ -23,6 +23,11 @@ stored μ̂ when both split the mean in the same format and the rowwise operand 
 computed the same way, so the bits do not depend on who asks when). It takes the residual amax
 too when both then quantize the same residual in NVFP4 without rotation (the amax of a tensor and
 its transpose are equal, so this only saves a pass).
+
+What is kept of an operand (`output`, numerics.operand.OUTPUTS). An operand that a GEMM consumes
+at once is asked for as "values": the quantize kernel writes the BF16 GEMM operand in its pass
+and no packed payload. One that is saved for backward or communicated keeps its payload
+("payload", or "both" when it also feeds a GEMM now); operand_output() says which.
 """
 
 from __future__ import annotations
@@ -77,9 +82,18 @@ class Placement:
         return ctx.comm.reducer(self.tokens_sharded, self.features_sharded)
 
 
+def operand_output(ctx: LinearContext, *, gemm_now: bool, kept: bool) -> str:
+    """What to keep of an operand: "values" for a GEMM that reads it now, the payload where it
+    is kept (saved for backward, communicated, transposed), "both" for both. The fused GEMM
+    (recipe field fp4_gemm="fused") reads packed FP4, so it takes the payload alone."""
+    if not gemm_now or ctx.recipe.fp4_gemm == "fused":
+        return "payload"
+    return "both" if kept else "values"
+
+
 def _quantize(ctx: LinearContext, role: str, x: torch.Tensor, call: int, reducer, *,
               mean_dim: int | None, offset: tuple, transposed: bool = False,
-              **shared) -> QuantizedOperand:
+              output: str = "payload", **shared) -> QuantizedOperand:
     o = ctx.recipe.operand(role)
     if o.format == "bf16":
         return quantize_operand(x, "bf16", transposed=transposed)
@@ -96,6 +110,7 @@ def _quantize(ctx: LinearContext, role: str, x: torch.Tensor, call: int, reducer
         reducer=reducer,
         transposed=transposed,
         token_sum=ctx.recipe.token_sum,
+        output=output,
         **shared,
     )
 
@@ -121,8 +136,8 @@ def _reused_stats(ctx: LinearContext, tensor: str, x2d: torch.Tensor, reducer,
 
 
 def quantize_role(ctx: LinearContext, role: str, x2d: torch.Tensor, call: int, *,
-                  tokens_sharded: bool = False,
-                  rowwise: QuantizedOperand | None = None) -> QuantizedOperand:
+                  tokens_sharded: bool = False, rowwise: QuantizedOperand | None = None,
+                  output: str = "payload") -> QuantizedOperand:
     """The operand of `role` (fprop_input, wgrad_input, dgrad_grad, wgrad_grad) from this rank's
     part x2d [tokens, features] of X or G, as QuantizedLinear builds it under ctx's TP/SP layout.
 
@@ -130,7 +145,8 @@ def quantize_role(ctx: LinearContext, role: str, x2d: torch.Tensor, call: int, *
     concatenated in rank order, all of one size): μ's sums and the amax are all-reduced over
     ctx.comm's group. `call` is the layer's call index (stochastic-rounding stream). `rowwise`:
     for a wgrad role, the fprop/dgrad operand of the same tensor already built, whose μ̂ and
-    amax are reused where the rule allows. Weights: quantize_tensor(ctx, "weight", ...)."""
+    amax are reused where the rule allows. `output`: what is kept (operand_output). Weights:
+    quantize_tensor(ctx, "weight", ...)."""
     tensor = next((t for t, roles in TENSOR_ROLES.items() if role in roles), None)
     if tensor is None or tensor == "weight":
         raise ValueError(f"quantize_role takes an activation or gradient role "
@@ -140,53 +156,61 @@ def quantize_role(ctx: LinearContext, role: str, x2d: torch.Tensor, call: int, *
     reducer = p.reducer(ctx)
     if role == TENSOR_ROLES[tensor][0]:
         return _quantize(ctx, role, x2d, call, reducer, mean_dim=0,
-                         offset=(p.token_offset, p.feature_offset))
+                         offset=(p.token_offset, p.feature_offset), output=output)
     return _quantize(ctx, role, x2d.t(), call, reducer, mean_dim=1,
-                     offset=(p.feature_offset, p.token_offset), transposed=True,
+                     offset=(p.feature_offset, p.token_offset), transposed=True, output=output,
                      **_reused_stats(ctx, tensor, x2d, reducer, rowwise))
 
 
-def _weight_pair(ctx: LinearContext, weight: torch.Tensor, call: int,
-                 columnwise: bool) -> OperandPair:
-    """W [N, K] (fprop) and, if asked, Wᵀ [K, N] (dgrad); one 2-D quantization when shared,
-    the fprop operand read in the other orientation under quantize-once."""
+def _weight_pair(ctx: LinearContext, weight: torch.Tensor, call: int, columnwise: bool,
+                 row_output: str, col_output: str) -> OperandPair:
+    """W [N, K] (fprop) and, if asked, Wᵀ [K, N] (dgrad); one 2-D quantization when shared
+    (Wᵀ is then the transposed payload, so W keeps it), the fprop operand read in the other
+    orientation under quantize-once."""
     r, comm = ctx.recipe, ctx.comm
     n, k = weight.shape
     row_off = ctx.out_positions(n)
     col_off = comm.rank * k if ctx.mode == "row" else 0
     reducer = comm.reducer(False, comm.distributed and ctx.mode != "none")
+    transposes = (columnwise and not r.quantize_once and r.shares_weight_quantization
+                  and not r.rht("fprop") and not r.rht("dgrad"))
+    if transposes and row_output == "values":
+        row_output = "both"
     w_f = _quantize(ctx, "fprop_weight", weight, call, reducer, mean_dim=None,
-                    offset=(row_off, col_off))
+                    offset=(row_off, col_off), output=row_output)
     if not columnwise:
         return OperandPair(w_f, None)
     if r.quantize_once:
         return OperandPair(w_f, w_f.reoriented())
-    if r.shares_weight_quantization and not r.rht("fprop") and not r.rht("dgrad"):
+    if transposes:
         return OperandPair(w_f, w_f.t())
     w_d = _quantize(ctx, "dgrad_weight", weight.t(), call, reducer, mean_dim=None,
-                    offset=(col_off, row_off), transposed=True,
+                    offset=(col_off, row_off), transposed=True, output=col_output,
                     **_reused_stats(ctx, "weight", weight, reducer, w_f))
     return OperandPair(w_f, w_d)
 
 
 def quantize_tensor(ctx: LinearContext, tensor: str, x2d: torch.Tensor, *, rowwise: bool = True,
                     columnwise: bool = True, row_call: int, col_call: int | None = None,
-                    tokens_sharded: bool = False) -> OperandPair:
+                    tokens_sharded: bool = False, row_output: str = "payload",
+                    col_output: str = "payload") -> OperandPair:
     """The operands of one tensor ("input", "weight" or "grad_output"; this rank's part, 2-D)
     that are asked for. `row_call` / `col_call` are the call indices of the two quantizations
-    (the same one when omitted); a weight is quantized once per call (row_call)."""
+    (the same one when omitted); a weight is quantized once per call (row_call). `row_output`
+    / `col_output`: what is kept of each (operand_output; the payload by default)."""
     if tensor not in TENSOR_ROLES:
         raise ValueError(f"unknown tensor {tensor!r}; expected one of {tuple(TENSOR_ROLES)}")
     if not (rowwise or columnwise):
         raise ValueError("ask for the rowwise operand, the columnwise one, or both")
     if tensor == "weight":
-        pair = _weight_pair(ctx, x2d, row_call, columnwise)
+        pair = _weight_pair(ctx, x2d, row_call, columnwise, row_output, col_output)
         return OperandPair(pair.rowwise if rowwise else None, pair.columnwise)
     row_role, col_role = TENSOR_ROLES[tensor]
     row = col = None
     if rowwise:
-        row = quantize_role(ctx, row_role, x2d, row_call, tokens_sharded=tokens_sharded)
+        row = quantize_role(ctx, row_role, x2d, row_call, tokens_sharded=tokens_sharded,
+                            output=row_output)
     if columnwise:
         col = quantize_role(ctx, col_role, x2d, row_call if col_call is None else col_call,
-                            tokens_sharded=tokens_sharded, rowwise=row)
+                            tokens_sharded=tokens_sharded, rowwise=row, output=col_output)
     return OperandPair(row, col)

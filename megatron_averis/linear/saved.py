@@ -42,7 +42,7 @@ class OperandLayout:
 
 
 def _flatten_qt(qt: QuantizedTensor, out: list) -> _QTLayout:
-    out += [qt.data, qt.block_scales, qt.tensor_scale]
+    out += qt.packed()
     return _QTLayout(qt.fmt, qt.block, qt.shape)
 
 
@@ -53,7 +53,8 @@ def _build_qt(tensors, layout: _QTLayout) -> QuantizedTensor:
 
 def pack_operands(ops) -> tuple[list[torch.Tensor], list[OperandLayout]]:
     """The tensors to hand to save_for_backward and the layouts to rebuild the operands from.
-    Cached BF16 values and the amax (used only while quantizing) are left behind."""
+    Cached BF16 values (also those the quantize pass wrote) and the amax (used only while
+    quantizing) are left behind."""
     tensors: list[torch.Tensor] = []
     layouts = []
     for op in ops:

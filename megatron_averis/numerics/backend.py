@@ -131,8 +131,11 @@ def epilogue_kernels(product: torch.Tensor, n_terms: int) -> ModuleType | None:
 
 def fused_gemm_kernels(a, b, n_terms: int, fp4_gemm: str) -> ModuleType | None:
     """For the whole GEMM from packed FP4 QuantizedTensors a [M, K], b [N, K] under
-    fp4_gemm="fused", when the kernel covers their formats and K."""
+    fp4_gemm="fused", when the kernel covers their formats and K and both carry the packed
+    payload (a GEMM-only operand holds its BF16 scaled values instead)."""
     if fp4_gemm != "fused" or a.fmt != b.fmt or a.block[1] != b.block[1]:
+        return None
+    if not (a.has_payload and b.has_payload):
         return None
     fp4 = kernels_for(a.data)
     if fp4 is None or n_terms > fp4.MAX_TERMS or not fp4.gemm_supported(a.shape[1]):

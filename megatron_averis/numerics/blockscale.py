@@ -17,7 +17,7 @@ check report the step, instead of silently saturating an inf to ±6·s as TE's r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,14 +58,33 @@ class QuantizedTensor:
     data:         uint8 [rows, cols/2], two codes per byte
     block_scales: NVFP4: float8_e4m3fn [rows/bm, cols/bk]; MXFP4: uint8 E8M0 exponents [rows, cols/32]
     tensor_scale: FP32 scalar decode scale (1/S_enc for NVFP4, 1 for MXFP4)
+    values:       code × block scale [rows, cols] (BF16 or FP32), when the quantize kernel wrote
+                  it in the same pass (the GEMM operand); scaled_values() then returns it
+
+    data and block_scales (the packed payload) are None for a GEMM-only tensor (quantized with
+    payload=False, `values` set): it cannot be saved, communicated or fed to the fused GEMM.
     """
 
-    data: torch.Tensor
-    block_scales: torch.Tensor
+    data: torch.Tensor | None
+    block_scales: torch.Tensor | None
     tensor_scale: torch.Tensor
     fmt: str
     block: tuple[int, int]
     shape: tuple[int, int]
+    values: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def has_payload(self) -> bool:
+        return self.data is not None
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, block scales, tensor scale): what is saved or communicated."""
+        if self.data is None:
+            raise ValueError(
+                "this FP4 tensor was quantized for its GEMM only (payload=False / "
+                "output='values'): it has no packed codes to save, communicate or transpose; "
+                "quantize it with the payload (output='payload' or 'both')")
+        return self.data, self.block_scales, self.tensor_scale
 
     def block_scales_fp32(self) -> torch.Tensor:
         """Per-element-row block scales [rows, cols/bk] as FP32."""
@@ -77,7 +96,11 @@ class QuantizedTensor:
 
     def scaled_values(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """code · block scale, without the tensor scale. Exact in BF16 for both formats:
-        a 2-bit E2M1 significand times a 4-bit E4M3 (or 1-bit E8M0) significand fits BF16's 8."""
+        a 2-bit E2M1 significand times a 4-bit E4M3 (or 1-bit E8M0) significand fits BF16's 8.
+        Values written by the quantize pass are returned as they are (converted exactly if
+        another dtype is asked for); nothing reads the codes again."""
+        if self.values is not None:
+            return self.values if self.values.dtype == dtype else self.values.to(dtype)
         fp4 = backend.dequantize_kernels(self.data, dtype)
         if fp4 is not None:
             return fp4.scaled_values(self.data, self.block_scales, self.block, self.fmt, dtype)
@@ -93,20 +116,22 @@ class QuantizedTensor:
         return self.scaled_values(torch.float32).to(dtype) * self.tensor_scale.to(dtype)
 
     def t(self) -> "QuantizedTensor":
-        """Transpose without requantizing; only square (2-D) blocks are transpose-invariant."""
+        """Transpose without requantizing; only square (2-D) blocks are transpose-invariant, so
+        the scaled values of the transpose are the transposed scaled values (kept as a view)."""
         if self.block[0] != self.block[1]:
             raise ValueError(
                 f"a {self.block[0]}x{self.block[1]}-block tensor cannot be transposed without "
                 "requantizing; use 16x16 (2-D) blocks for operands needed in both orientations"
             )
-        codes = unpack_fp4(self.data).t().contiguous()
+        data, block_scales, _ = self.packed()
         return QuantizedTensor(
-            data=pack_fp4(codes),
-            block_scales=self.block_scales.t().contiguous(),
+            data=pack_fp4(unpack_fp4(data).t().contiguous()),
+            block_scales=block_scales.t().contiguous(),
             tensor_scale=self.tensor_scale,
             fmt=self.fmt,
             block=self.block,
             shape=(self.shape[1], self.shape[0]),
+            values=None if self.values is None else self.values.t(),
         )
 
 
@@ -144,12 +169,18 @@ def _fp32(x: torch.Tensor, subtract: torch.Tensor | None,
     return x32 if signs is None else blockwise_rht(x32, signs)
 
 
+def _check_outputs(values: torch.dtype | None, payload: bool) -> None:
+    if not payload and values is None:
+        raise ValueError("payload=False keeps nothing: ask for the scaled values too "
+                         "(values=torch.bfloat16) or keep the payload")
+
+
 def _kernel_quantize(fp4, x: torch.Tensor, fmt: str, block: tuple[int, int], rounding: str,
                      sr_seed: int | StepSeed | None, rng_offset, **kw) -> QuantizedTensor:
-    """The quantize kernel's result as a QuantizedTensor. The stochastic-rounding stream is
-    handed over as the reference defines it: the key of an int seed (random.seed_key) or a
-    StepSeed's base and device-resident step, and index-tensor offsets checked by
-    random._positions."""
+    """The quantize kernel's result as a QuantizedTensor (with the scaled values when asked
+    for). The stochastic-rounding stream is handed over as the reference defines it: the key of
+    an int seed (random.seed_key) or a StepSeed's base and device-resident step, and
+    index-tensor offsets checked by random._positions."""
     _check_rounding(rounding, sr_seed)
     if rounding == "stochastic":
         step = sr_seed.step if isinstance(sr_seed, StepSeed) else None
@@ -157,8 +188,16 @@ def _kernel_quantize(fp4, x: torch.Tensor, fmt: str, block: tuple[int, int], rou
         offsets = tuple(_positions(o, n, x.device) if isinstance(o, torch.Tensor) else int(o)
                         for o, n in zip(rng_offset, x.shape))
         kw.update(sr_key=key, sr_step=step, rng_offset=offsets)
-    data, scales, tensor_scale = fp4.quantize(x, fmt, block, **kw)
-    return QuantizedTensor(data, scales, tensor_scale, fmt, tuple(block), tuple(x.shape))
+    data, scales, tensor_scale, values = fp4.quantize(x, fmt, block, **kw)
+    return QuantizedTensor(data, scales, tensor_scale, fmt, tuple(block), tuple(x.shape), values)
+
+
+def _kernel_outputs(x: torch.Tensor, values: torch.dtype | None, payload: bool) -> dict:
+    """What the quantize kernel writes: the values where the dequantize kernel would run on
+    them (backend), and the payload unless only values are asked for and written."""
+    if values is not None and backend.dequantize_kernels(x, values) is None:
+        return dict(values=None, payload=True)
+    return dict(values=values, payload=payload)
 
 
 def abs_max(x: torch.Tensor, subtract: torch.Tensor | None = None,
@@ -201,6 +240,8 @@ def quantize_nvfp4(
     amax: torch.Tensor | None = None,
     subtract: torch.Tensor | None = None,
     signs: torch.Tensor | None = None,
+    values: torch.dtype | None = None,
+    payload: bool = True,
 ) -> QuantizedTensor:
     """NVFP4 along the last dimension with 1x16 or 16x16 blocks.
 
@@ -210,14 +251,21 @@ def quantize_nvfp4(
     `subtract` ([1, cols] or [rows, 1], FP32): quantize x.float() - subtract (the Averis residual;
     the GPU kernel subtracts in registers instead of materializing it). `signs`: quantize
     blockwise_rht(x.float() - subtract, signs) (the kernel rotates in registers, too).
+
+    `values` (BF16 or FP32) and `payload` are requests to the GPU kernel: it writes the scaled
+    values (the GEMM operand) in the quantize pass, and with payload=False skips the packed
+    codes and scales. The reference computes the payload regardless and the values on demand;
+    either way scaled_values() returns the same bits.
     """
+    _check_outputs(values, payload)
     if block not in ((1, NVFP4_BLOCK), (NVFP4_BLOCK, NVFP4_BLOCK)):
         raise ValueError(f"NVFP4 blocks are 1x16 or 16x16, got {block[0]}x{block[1]}")
     _check_2d(x, block, "NVFP4 quantization")
     fp4 = backend.operand_kernels(x, signs)
     if fp4 is not None:
         return _kernel_quantize(fp4, x, "nvfp4", block, rounding, sr_seed, rng_offset,
-                                amax_t=amax, sub=subtract, signs=signs)
+                                amax_t=amax, sub=subtract, signs=signs, **_kernel_outputs(
+                                    x, values, payload))
     x32 = _fp32(x, subtract, signs)
     if amax is None:
         amax = x32.abs().amax()
@@ -241,19 +289,22 @@ def quantize_mxfp4(
     rng_offset: tuple[int, int] = (0, 0),
     subtract: torch.Tensor | None = None,
     signs: torch.Tensor | None = None,
+    values: torch.dtype | None = None,
+    payload: bool = True,
 ) -> QuantizedTensor:
     """MXFP4 along the last dimension: 1x32 blocks, shared scale 2^(floor(log2 amax) - 2) in E8M0.
 
     This is the OCP MX v1.0 rule (elements above 6 after scaling saturate). A block of zeros gets
-    the smallest scale, 2^-127. Non-finite blocks decode to NaN (E8M0 code 0xFF). `subtract` as
-    and `signs` as in quantize_nvfp4.
+    the smallest scale, 2^-127. Non-finite blocks decode to NaN (E8M0 code 0xFF). `subtract`,
+    `signs`, `values` and `payload` as in quantize_nvfp4.
     """
+    _check_outputs(values, payload)
     block = (1, MXFP4_BLOCK)
     _check_2d(x, block, "MXFP4 quantization")
     fp4 = backend.operand_kernels(x, signs)
     if fp4 is not None:
         return _kernel_quantize(fp4, x, "mxfp4", block, rounding, sr_seed, rng_offset,
-                                sub=subtract, signs=signs)
+                                sub=subtract, signs=signs, **_kernel_outputs(x, values, payload))
     x32 = _fp32(x, subtract, signs)
     rows, cols = x.shape
     amax = block_amax(x32, block)

@@ -66,6 +66,15 @@ class LocalReducer:
 
 LOCAL = LocalReducer()
 
+# What a caller keeps of an FP4 operand (quantize_operand's `output`). Where the kernels run,
+# "values" and "both" make the quantize kernel write the BF16 GEMM operand (code × block scale)
+# in the same pass, so no dequantize kernel reads the codes again; "values" also skips the
+# packed payload, which only an operand that is saved for backward or communicated needs.
+OUTPUTS = ("payload", "values", "both")
+_KERNEL_OUTPUTS = {"payload": dict(values=None, payload=True),
+                   "values": dict(values=torch.bfloat16, payload=False),
+                   "both": dict(values=torch.bfloat16, payload=True)}
+
 
 @dataclass
 class QuantizedOperand:
@@ -157,11 +166,11 @@ class QuantizedOperand:
         """The tensors that represent this operand (what a collective moves)."""
         out: list[torch.Tensor] = []
         if self.qt is not None:
-            out += [self.qt.data, self.qt.block_scales, self.qt.tensor_scale]
+            out += self.qt.packed()
         else:
             out.append(self.bf16)
         if isinstance(self.mean, QuantizedTensor):
-            out += [self.mean.data, self.mean.block_scales, self.mean.tensor_scale]
+            out += self.mean.packed()
         elif self.mean is not None:
             out.append(self.mean)
         return out
@@ -260,6 +269,7 @@ def quantize_operand(
     mean: torch.Tensor | QuantizedTensor | None = None,
     amax: torch.Tensor | None = None,
     token_sum: str = "torch",
+    output: str = "payload",
 ) -> QuantizedOperand:
     """Build a GEMM operand from x [rows, K] (blocks along K).
 
@@ -269,10 +279,14 @@ def quantize_operand(
     neither is rotated along it), saving a reduction. `amax` likewise passes the (group-wide)
     NVFP4 residual amax of that operand: with the same mean and no rotation both operands
     quantize the same residual, only transposed. `token_sum` orders the sums behind the mean
-    (token_mean; the recipe's token_sum field).
+    (token_mean; the recipe's token_sum field). `output` (OUTPUTS): what the caller keeps:
+    the packed payload ("payload": saved or communicated), the BF16 GEMM operand written in the
+    quantize pass ("values": consumed right away by a GEMM), or both.
     """
     if x.dim() != 2:
         raise ValueError(f"a GEMM operand must be 2-D [rows, K], got shape {tuple(x.shape)}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output={output!r} is unknown; choose one of {OUTPUTS}")
     backend.check_choice("token_sum", token_sum)
     if fmt == "bf16":
         if mean_dim is not None or signs is not None:
@@ -318,11 +332,12 @@ def quantize_operand(
         if amax is None:
             amax = reducer.max(abs_max(r, sub, rot) if rng is None else range_abs_max(rng, sub))
         qt = quantize_nvfp4(r, block, rounding, sr_seed, rng_offset, amax=amax, subtract=sub,
-                            signs=rot)
+                            signs=rot, **_KERNEL_OUTPUTS[output])
     elif fmt == "mxfp4":
         if block != (1, 32):
             raise ValueError(f"MXFP4 uses 1x32 blocks, got {block[0]}x{block[1]}")
-        qt = quantize_mxfp4(r, rounding, sr_seed, rng_offset, subtract=sub, signs=rot)
+        qt = quantize_mxfp4(r, rounding, sr_seed, rng_offset, subtract=sub, signs=rot,
+                            **_KERNEL_OUTPUTS[output])
     else:
         raise ValueError(f"unknown operand format {fmt!r}; use bf16, nvfp4 or mxfp4")
     return QuantizedOperand(tuple(x.shape), qt=qt, mean=mean, mean_dim=mean_dim, signs=signs,

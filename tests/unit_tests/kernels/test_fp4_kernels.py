@@ -16,7 +16,7 @@ from megatron_averis.numerics import (
 from megatron_averis.numerics import backend
 from megatron_averis.numerics.backend import TOKEN_SUMS
 from megatron_averis.numerics.blockscale import abs_max
-from megatron_averis.numerics.random import StepSeed, mix_seed
+from megatron_averis.numerics.random import StepSeed, mix_seed, seed_key
 from megatron_averis.numerics.operand import pairwise_sum
 from megatron_averis.recipes import get_recipe
 
@@ -81,7 +81,8 @@ def assert_same_tensor(got, want):
         assert torch.equal(got.isnan(), want.isnan())
         ok = ~want.isnan()
         # bit patterns, so that -0.0 and +0.0 count as different
-        bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+        bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+                torch.float16: torch.int16}
         assert torch.equal(got[ok].view(bits[got.dtype]), want[ok].view(bits[want.dtype]))
     else:
         assert torch.equal(got, want)
@@ -590,3 +591,177 @@ def test_sr_with_index_tensor_offsets(kdev, reference, fmt):
         assert_same_qt(got, want)
     with pytest.raises(ValueError, match="global indices"):
         quantize_nvfp4(x, rounding="stochastic", sr_seed=9, rng_offset=(rows[:5], 0))
+
+
+# ---- one pass: quantize writes the GEMM operand (code × block scale) ----------------------------
+
+VALUE_CASES = [  # (sub_dim, rht): plain, the Averis residual along either dimension, rotated
+    (None, False), (0, False), (1, True),
+]
+
+
+def _values_case(kdev, shape, transposed, sub_dim, rht, seed=24):
+    rows, cols = shape
+    src = _data(cols, rows, seed, torch.bfloat16, "cpu") if transposed else _data(
+        rows, cols, seed, torch.bfloat16, "cpu")
+    src[min(rows, cols) // 2, 5] = float("nan")  # a NaN block scale must decode to NaN
+    src = src.to(kdev)
+    x = src.t() if transposed else src
+    g = torch.Generator().manual_seed(seed)
+    sub = None if sub_dim is None else (
+        torch.randn(1, cols, generator=g) if sub_dim == 0 else torch.randn(rows, 1, generator=g)
+    ).to(kdev)
+    return x, sub, random_signs(13) if rht else None
+
+
+@pytest.mark.parametrize("fmt,block", RHT_FORMATS)
+@pytest.mark.parametrize("rounding", ["rne", "stochastic"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("sub_dim,rht", VALUE_CASES)
+@pytest.mark.parametrize("shape", [(80, 96), (8192, 3072)])
+def test_quantize_writes_the_dequantized_values(kdev, reference, fmt, block, rounding, transposed,
+                                                sub_dim, rht, shape):
+    """fp4.quantize(values=dtype) writes, in its own pass, exactly what fp4.scaled_values makes of
+    the codes and scales it stores and what the reference QuantizedTensor.scaled_values gives;
+    the payload is unchanged by the option, and payload=False writes the same values alone.
+    80 rows / 96 columns leave partial tiles in both orientations."""
+    _skip_big(kdev, *shape)
+    from megatron_averis.kernels import fp4
+
+    x, sub, signs = _values_case(kdev, shape, transposed, sub_dim, rht)
+    # A NaN makes NVFP4's tensor amax NaN and every value NaN: take the amax of the rest, so
+    # that only the NaN's block decodes to NaN (as MXFP4's does by itself).
+    amax = x.float().nan_to_num(0.0).abs().amax() * 2 if fmt == "nvfp4" else None
+    sr = (dict(sr_key=seed_key(1234), rng_offset=(16, 32)) if rounding == "stochastic" else {})
+    kw = dict(sub=sub, signs=signs, **sr, **({} if amax is None else dict(amax_t=amax)))
+    plain = fp4.quantize(x, fmt, block, **kw)
+    for dtype in (torch.bfloat16, torch.float32):
+        data, scales, tensor_scale, values = fp4.quantize(x, fmt, block, values=dtype, **kw)
+        assert plain[3] is None and values.is_contiguous()
+        for got, want in zip((data, scales, tensor_scale), plain[:3]):
+            assert_same_tensor(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                               want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want)
+        assert_same_tensor(values, fp4.scaled_values(data, scales, block, fmt, dtype))
+        none, no_scales, ts_alone, alone = fp4.quantize(x, fmt, block, values=dtype,
+                                                        payload=False, **kw)
+        assert none is None and no_scales is None
+        assert_same_tensor(alone, values)
+        assert_same_tensor(ts_alone, tensor_scale)
+    quantize = (lambda t, **k: quantize_nvfp4(t, block, **k)) if fmt == "nvfp4" else quantize_mxfp4
+    with reference():
+        want = quantize(x, rounding=rounding, sr_seed=1234, rng_offset=(16, 32), subtract=sub,
+                        signs=signs, **({} if amax is None else dict(amax=amax)))
+    assert values.isnan().any() and not values.isnan().all()
+    assert_same_tensor(values, want.scaled_values(torch.float32))
+    assert_same_tensor(alone.bfloat16(), want.scaled_values(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fmt,block", RHT_FORMATS)
+@pytest.mark.parametrize("payload", [True, False])
+def test_quantizers_carry_the_values(kdev, reference, kernel_calls, fmt, block, payload):
+    """quantize_nvfp4 / quantize_mxfp4(values=BF16): scaled_values() and dequantize() return the
+    reference's bits without launching the dequantize kernel; without the payload the tensor says
+    clearly that it cannot be saved, communicated or transposed."""
+    x = _data(64, 96, 25, torch.bfloat16, kdev)
+    quantize = (lambda t, **k: quantize_nvfp4(t, block, **k)) if fmt == "nvfp4" else (
+        lambda t, **k: quantize_mxfp4(t, **k))
+    got = quantize(x, values=torch.bfloat16, payload=payload)
+    with reference():
+        want = quantize(x)
+        want_values, want_fp64 = want.scaled_values(), want.dequantize()
+    assert got.has_payload == payload and got.values is not None
+    assert_same_tensor(got.scaled_values(), want_values)
+    assert_same_tensor(got.dequantize(), want_fp64)
+    assert kernel_calls["scaled_values"] == 0
+    if payload:
+        assert_same_qt(got, want)
+    else:
+        with pytest.raises(ValueError, match="GEMM only"):
+            got.packed()
+    with pytest.raises(ValueError, match="keeps nothing"):
+        quantize(x, payload=False)
+
+
+@pytest.mark.parametrize("payload", [True, False])
+def test_transposed_values_stay_exact(kdev, reference, payload):
+    """A 16x16-block tensor's transpose (the shared weight's dgrad operand) and a reoriented
+    operand (quantize-once recipes) reuse the one-pass values: the transposed values equal the
+    reference's values of the transposed tensor."""
+    from megatron_averis.numerics.operand import quantize_operand
+
+    w = _data(48, 64, 26, torch.bfloat16, kdev)
+    with reference():
+        want = quantize_nvfp4(w, (16, 16))
+        want_t = want.t().scaled_values()
+        want_op = quantize_operand(w, "nvfp4", block=(16, 16))
+        want_re = want_op.reoriented().values()
+    got = quantize_nvfp4(w, (16, 16), values=torch.bfloat16, payload=payload)
+    if payload:
+        assert_same_qt(got.t(), want.t())
+        assert_same_tensor(got.t().scaled_values(), want_t)
+        assert_same_tensor(got.t().scaled_values(torch.float32), want.t().scaled_values(torch.float32))
+    else:
+        with pytest.raises(ValueError, match="GEMM only"):
+            got.t()
+    op = quantize_operand(w, "nvfp4", block=(16, 16), output="both" if payload else "values")
+    assert_same_tensor(op.reoriented().values(), want_re)
+
+
+@pytest.mark.parametrize("output", ["values", "both"])
+@pytest.mark.parametrize("mean_dim,rht,mean_format", [(0, False, "bf16"), (1, True, "nvfp4"),
+                                                      (None, True, "bf16"), (1, False, "fp32")])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_quantize_operand_outputs(kdev, reference, kernel_calls, output, mean_dim, rht,
+                                  mean_format, fmt):
+    """quantize_operand(output=...): the GEMM operand comes from the quantize pass, the payload
+    only where asked for, and every product equals the reference operand's."""
+    t, k = 64, 96
+    x_src = _data(t, k, 27, torch.bfloat16, kdev)
+    x = x_src.t() if mean_dim == 1 else x_src
+    kw = dict(block=(1, 32) if fmt == "mxfp4" else (1, 16), rounding="stochastic",
+              mean_dim=mean_dim, mean_format=mean_format,
+              signs=random_signs(11) if rht else None, sr_seed=99, transposed=mean_dim == 1)
+    got = quantize_operand(x, fmt, output=output, **kw)
+    with reference():
+        want = quantize_operand(x, fmt, **kw)
+        want_values, want_fp64 = want.values(), want.dequantize()
+    calls = kernel_calls["scaled_values"]
+    assert_same_tensor(got.values(), want_values)
+    assert kernel_calls["scaled_values"] == calls  # nothing read the codes again
+    assert_same_tensor(got.dequantize(), want_fp64)
+    if output == "both":
+        assert_same_operand(got, want)
+        assert got.nbytes() == want.nbytes()
+    else:
+        assert not got.qt.has_payload
+        with pytest.raises(ValueError, match="GEMM only"):
+            got.payload()
+    with pytest.raises(ValueError, match="output='bogus'"):
+        quantize_operand(x, fmt, output="bogus", **kw)
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4-plain", "nvfp4-nohadamard", "averis", "averis-paper",
+                                    "mxfp4", "nvfp4"])
+def test_linear_reads_only_saved_operands_again(kdev, reference, kernel_calls, recipe):
+    """In the linear, the operands a GEMM reads at once get their values from the quantize pass:
+    the dequantize kernel runs only for the two operands backward unpacks from the saved payload
+    (X's wgrad operand and W's dgrad operand); outputs and gradients equal the reference's."""
+    x = _data(128, 64, 28, torch.float32, kdev)
+    gy = _data(128, 96, 29, torch.float32, kdev) * 0.01
+
+    def run():
+        torch.manual_seed(0)
+        layer = QuantizedLinear(64, 96, recipe=get_recipe(recipe), device=kdev, stream_id=5)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        forward_dequantized = kernel_calls["scaled_values"]
+        y.backward(gy)
+        return (y.detach(), xi.grad, layer.weight.grad), forward_dequantized
+
+    got, forward_dequantized = run()
+    assert forward_dequantized == 0
+    assert kernel_calls["scaled_values"] == 2
+    with reference():
+        want, _ = run()
+    for a, b in zip(got, want):
+        assert_same_tensor(a, b)
