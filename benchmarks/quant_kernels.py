@@ -4,6 +4,8 @@
 
 Table 1: each kernel's achieved GB/s (bytes it must read + write / time) and its share of the
 device-to-device copy bandwidth measured in the same run on the same number of bytes.
+Table 1b: the GEMM operand (code × block scale in BF16) in one pass (quantize writes it, with or
+without the packed payload) against quantize then dequantize, in GB/s and share of copy.
 Table 2: for every GEMM of a Qwen3-0.6B and a Llama-1B layer (qkv, proj, fc1, fc2; fprop, dgrad,
 wgrad), the time to quantize its operands and run the emulated FP4 GEMM, over the time of the BF16
 GEMM, per recipe and per GEMM implementation (the recipe field fp4_gemm: dequant | fused). Table 3:
@@ -156,6 +158,42 @@ def kernel_table(shapes):
               f"| {copy:.0f} | 100% | | |")
 
 
+def one_pass_table(shapes):
+    """The BF16 GEMM operand of an NVFP4 1x16 Averis residual (RNE) three ways: quantize, then
+    dequantize the stored codes (two kernels); quantize writing the values in its pass and the
+    payload too (an operand saved for backward and used now); and the values alone (an operand a
+    GEMM reads at once). GB/s: the bytes each way must read and write."""
+    print("\n## GEMM operand in one pass vs quantize then dequantize (nvfp4 1x16 rne, mean, BF16)\n")
+    print("| path | shape | ms | GB/s | % of copy | speed-up over two passes |")
+    print("|---|---|---|---|---|---|")
+    for rows, cols in shapes:
+        n = rows * cols
+        x = torch.randn(rows, cols, device=DEVICE, dtype=torch.bfloat16)
+        mean = x.float().mean(0).to(torch.bfloat16).float().view(1, -1)
+        amax = x.abs().amax().float()
+        copy = copy_gbps(2 * n)
+        payload = n // 2 + n // 16  # codes two per byte, E4M3 scales per 16
+
+        def quant(**kw):
+            return quantize_nvfp4(x, amax=amax, subtract=mean, **kw)
+
+        paths = [
+            ("quantize, then dequantize", lambda: quant().scaled_values(),
+             2 * n + payload + payload + 2 * n),
+            ("one pass: values + payload", lambda: quant(values=torch.bfloat16).scaled_values(),
+             2 * n + payload + 2 * n),
+            ("one pass: values only", lambda: quant(values=torch.bfloat16, payload=False)
+             .scaled_values(), 2 * n + 2 * n),
+        ]
+        t_two = None
+        for name, fn, nbytes in paths:
+            t = bench(fn)
+            t_two = t if t_two is None else t_two
+            gbps = nbytes / t / 1e6
+            print(f"| {name} | {rows}x{cols} | {t:.4f} | {gbps:.0f} | {100 * gbps / copy:.0f}% "
+                  f"| {t_two / t:.2f}x |")
+
+
 def tile_sweep(rows, cols):
     """Quantize-kernel throughput per tile (rows, columns, warps), to choose fp4.TILES."""
     print(f"\n## Tile sweep: nvfp4 1x16 SR with mean, {rows}x{cols} BF16 (GB/s)\n")
@@ -178,20 +216,26 @@ def tile_sweep(rows, cols):
 def recipe_operands(recipe: str, gemm: str, x, w, g):
     """Closures quantizing the operands of one GEMM as the linear layer does (shared W
     quantization and shared means as in linear/function.py), and the BF16 reference GEMM.
-    `averis-pairwise` is averis with the recipe field token_sum=pairwise."""
+    `averis-pairwise` is averis with the recipe field token_sum=pairwise. quant(now) builds the
+    operands that the linear quantizes right before this GEMM with output `now` ("values" under
+    fp4_gemm=dequant, "payload" for the fused GEMM: linear.operands.operand_output); those it
+    saved in forward (dgrad's W, wgrad's X) keep the payload."""
     sr = dict(rounding="stochastic", sr_seed=7)
     order = dict(token_sum="pairwise" if recipe.endswith("pairwise") else "torch")
     averis = recipe.startswith("averis")
     wblock = (16, 16) if averis else (1, 16)
     if gemm == "fprop":
-        def quant():
-            return (quantize_operand(x, "nvfp4", mean_dim=0 if averis else None, **order),
-                    quantize_operand(w, "nvfp4", block=wblock))
+        def quant(now="payload"):
+            return (quantize_operand(x, "nvfp4", mean_dim=0 if averis else None, output=now,
+                                     **order),
+                    # a 16x16 W is also saved (transposed) for dgrad: it keeps its payload
+                    quantize_operand(w, "nvfp4", block=wblock,
+                                     output="both" if averis and now == "values" else now))
         return quant, lambda: torch.mm(x, w.t())
     if gemm == "dgrad":
-        def quant():
+        def quant(now="payload"):
             gq = quantize_operand(g, "nvfp4", mean_dim=0 if averis else None, **order,
-                                  **(sr if averis else {}))
+                                  output=now, **(sr if averis else {}))
             wq = (quantize_operand(w, "nvfp4", block=wblock).t() if averis
                   else quantize_operand(w.t(), "nvfp4", transposed=True))
             return gq, wq
@@ -200,9 +244,9 @@ def recipe_operands(recipe: str, gemm: str, x, w, g):
     g_mean = quantize_operand(g, "nvfp4", mean_dim=0, **order).mean if averis else None
     x_mean = quantize_operand(x, "nvfp4", mean_dim=0, **order).mean if averis else None
 
-    def quant():
+    def quant(now="payload"):
         return (quantize_operand(g.t(), "nvfp4", mean_dim=1 if averis else None, mean=g_mean,
-                                 transposed=True, **(sr if averis else {})),
+                                 transposed=True, output=now, **(sr if averis else {})),
                 quantize_operand(x.t(), "nvfp4", mean_dim=1 if averis else None, mean=x_mean,
                                  transposed=True))
     return quant, lambda: torch.mm(g.t(), x)
@@ -225,7 +269,8 @@ def gemm_table(tokens: int, recipes, modes):
                     quant, bf16 = recipe_operands(recipe, gemm, x, w, g)
                     t_bf16 = bench(bf16)
                     for mode in modes:
-                        t = bench(lambda: qgemm(*quant(), fp4_gemm=mode))
+                        now = "values" if mode == "dequant" else "payload"
+                        t = bench(lambda: qgemm(*quant(now), fp4_gemm=mode))
                         ratios.append(t / t_bf16)
                     if recipe == recipes[0]:
                         a, b = quant()
@@ -291,6 +336,7 @@ def main():
     print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}")
     shapes = [(a.tokens, 1024)] if a.quick else [(a.tokens, 1024), (a.tokens, 3072), (a.tokens, 8192)]
     kernel_table(shapes)
+    one_pass_table(shapes)
     if not a.quick:
         tile_sweep(a.tokens, 3072)
     # averis-pairwise: averis with token_sum=pairwise (fused stats pass for the mean)
