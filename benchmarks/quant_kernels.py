@@ -112,19 +112,31 @@ def copy_gbps(nbytes: int) -> float:
     return 2 * nbytes / bench(lambda: dst.copy_(src)) / 1e6
 
 
-def kernel_table(shapes):
-    print("\n## Kernel bandwidth (BF16 input)\n")
-    print("| kernel | shape | ms | GB/s | % of copy | PyTorch reference ms (host-timed) | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+def _operand(rows, cols):
+    """A BF16 operand [rows, cols], its mean over rows as the Averis split stores it (BF16, used
+    in FP32), its amax, and the copy bandwidth on its bytes (2 read + 2 written per element)."""
+    x = torch.randn(rows, cols, device=DEVICE, dtype=torch.bfloat16)
+    mean = x.float().mean(0).to(torch.bfloat16).float().view(1, -1)
+    return x, mean, x.abs().amax().float(), copy_gbps(2 * rows * cols)
+
+
+def _table(title: str, columns, shapes):
+    """Print a table's title and header; yield (rows, cols, *_operand(rows, cols)) per shape."""
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for rows, cols in shapes:
+        yield (rows, cols) + _operand(rows, cols)
+
+
+def kernel_table(shapes):
+    columns = ("kernel", "shape", "ms", "GB/s", "% of copy", "PyTorch reference ms (host-timed)",
+               "speed-up")
+    for rows, cols, x, mean, amax, copy in _table("Kernel bandwidth (BF16 input)", columns, shapes):
         n = rows * cols
-        x = torch.randn(rows, cols, device=DEVICE, dtype=torch.bfloat16)
         xt_src = torch.randn(cols, rows, device=DEVICE, dtype=torch.bfloat16)  # operand = src.t()
-        mean = x.float().mean(0).to(torch.bfloat16).float().view(1, -1)
         mean_t = xt_src.float().mean(0).to(torch.bfloat16).float().view(-1, 1)
-        amax = x.abs().amax().float()
         q16 = quantize_nvfp4(x)
-        copy = copy_gbps(2 * n)  # a copy of x: 2n bytes read, 2n written
         packed = n // 2
         cases = [
             ("token stats (pairwise sums, min, max)", lambda: fp4.token_stats(x, 0), 2 * n),
@@ -163,15 +175,10 @@ def one_pass_table(shapes):
     dequantize the stored codes (two kernels); quantize writing the values in its pass and the
     payload too (an operand saved for backward and used now); and the values alone (an operand a
     GEMM reads at once). GB/s: the bytes each way must read and write."""
-    print("\n## GEMM operand in one pass vs quantize then dequantize (nvfp4 1x16 rne, mean, BF16)\n")
-    print("| path | shape | ms | GB/s | % of copy | speed-up over two passes |")
-    print("|---|---|---|---|---|---|")
-    for rows, cols in shapes:
+    title = "GEMM operand in one pass vs quantize then dequantize (nvfp4 1x16 rne, mean, BF16)"
+    columns = ("path", "shape", "ms", "GB/s", "% of copy", "speed-up over two passes")
+    for rows, cols, x, mean, amax, copy in _table(title, columns, shapes):
         n = rows * cols
-        x = torch.randn(rows, cols, device=DEVICE, dtype=torch.bfloat16)
-        mean = x.float().mean(0).to(torch.bfloat16).float().view(1, -1)
-        amax = x.abs().amax().float()
-        copy = copy_gbps(2 * n)
         payload = n // 2 + n // 16  # codes two per byte, E4M3 scales per 16
 
         def quant(**kw):
