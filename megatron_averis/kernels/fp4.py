@@ -23,6 +23,10 @@ is subtracted in registers: the Averis residual R = X - μ̂ is never materializ
 random Hadamard transform of (x - sub) is applied in registers too (RHT, NEG): sign flips, the
 fast Walsh-Hadamard butterfly and the 1/4 scale in hadamard.blockwise_rht's FP32 order.
 
+The quantize kernel can also write the GEMM operand, code × block scale, from the codes and
+scale bytes it has just computed (decoded by _block_values, the dequantize kernel's function), and
+skip the packed payload when only that operand is needed.
+
 The host functions take and return plain tensors; numerics (blockscale, operand, qgemm) wraps
 them in its types and numerics.backend decides when they run.
 """
