@@ -148,3 +148,18 @@ def test_mismatched_operands_rejected():
         qgemm(quantize_operand(torch.randn(16, 32), "nvfp4"), quantize_operand(torch.randn(16, 48), "nvfp4"))
     with pytest.raises(ValueError, match="only to FP4"):
         quantize_operand(torch.randn(16, 32), "bf16", mean_dim=0)
+
+
+def test_output_requests_keep_the_reference_and_check_their_arguments(device):
+    """output= / values= / payload= only tell the GPU kernel what to write: the reference (and
+    the kernels, tests/unit_tests/kernels) give the same operand and GEMM values either way."""
+    x = _mean_biased(64, 96, 31).to(device)
+    base = quantize_operand(x, "nvfp4", mean_dim=0)
+    for output in ("values", "both"):
+        op = quantize_operand(x, "nvfp4", mean_dim=0, output=output)
+        assert torch.equal(op.values().view(torch.int16), base.values().view(torch.int16))
+        assert torch.equal(op.dequantize(), base.dequantize())
+    with pytest.raises(ValueError, match="output='bogus' is unknown"):
+        quantize_operand(x, "nvfp4", output="bogus")
+    with pytest.raises(ValueError, match="payload=False keeps nothing"):
+        quantize_nvfp4(x, payload=False)
