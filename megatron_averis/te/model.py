@@ -18,6 +18,12 @@ import torch
 from megatron_averis.recipes import Recipe, get_recipe
 
 FACTORY_PATH = "megatron_averis.te.factories.configured"
+# Transformer Engine's Python reference of NVFP4BlockScaling, as a CustomRecipe factory: the
+# te-nvfp4 route with the hardware swapped for the reference (te_nvfp4_backend="reference"), so
+# that the dispatch runs on GPUs without FP4 tensor cores (its GPU test on Hopper).
+TE_NVFP4_REFERENCE = ("transformer_engine.pytorch.custom_recipes.reference_nvfp4."
+                      "nvfp4_ref_rht_2d_factory")
+TE_NVFP4_BACKENDS = ("native", "reference")
 
 
 def is_nvidia_recipe(recipe: Recipe) -> bool:
@@ -42,13 +48,18 @@ def runs_te_nvfp4(recipe: Recipe, device: torch.device | str | None) -> bool:
     return native.hardware_fp4(torch.device(device))
 
 
-def te_config_fields(recipe: Recipe, device: torch.device | str | None = None) -> dict:
+def te_config_fields(recipe: Recipe, device: torch.device | str | None = None, *,
+                     te_nvfp4_backend: str = "native") -> dict:
     """TransformerConfig fields that make megatron-core run `recipe` through TE on `device`
-    (none: BF16): TE's NVFP4BlockScaling where runs_te_nvfp4, else the Averis CustomRecipe."""
+    (none: BF16): TE's NVFP4BlockScaling where runs_te_nvfp4 (te_nvfp4_backend "reference": TE's
+    Python reference of it), else the Averis CustomRecipe."""
+    if te_nvfp4_backend not in TE_NVFP4_BACKENDS:
+        raise ValueError(f"te_nvfp4_backend={te_nvfp4_backend!r}; choose one of {TE_NVFP4_BACKENDS}")
     if recipe.is_bf16:
         return {}
     if runs_te_nvfp4(recipe, device):
-        fields = dict(fp4="e2m1", fp4_recipe="nvfp4")
+        fields = (dict(fp4="e2m1", fp4_recipe="nvfp4") if te_nvfp4_backend == "native" else
+                  dict(fp4="e2m1", fp4_recipe="custom", fp4_quantizer_factory=TE_NVFP4_REFERENCE))
     else:
         fields = dict(fp4="e2m1", fp4_recipe="custom", fp4_quantizer_factory=FACTORY_PATH)
     if recipe.bf16_first_layers or recipe.bf16_last_layers:
@@ -71,17 +82,19 @@ def build_te_gpt_model(config, recipe: Recipe, *, vocab_size: int, max_seq_len: 
 
     from megatron_averis.te import factories
 
-    te_nvfp4 = getattr(config, "fp4_recipe", None) == "nvfp4"
+    te_nvfp4 = (getattr(config, "fp4_recipe", None) == "nvfp4"
+                or getattr(config, "fp4_quantizer_factory", None) == TE_NVFP4_REFERENCE)
     if te_nvfp4 and not is_nvidia_recipe(recipe):
-        raise ValueError(f"fp4_recipe='nvfp4' runs Transformer Engine's NVFP4BlockScaling, which is "
-                         f"the nvfp4 preset, not {recipe.name!r}; build the config with "
+        raise ValueError(f"the config runs Transformer Engine's NVFP4BlockScaling, which is the "
+                         f"nvfp4 preset, not {recipe.name!r}; build the config with "
                          "te_config_fields(recipe, device)")
-    expected = ({k: v for k, v in te_config_fields(recipe).items() if k != "fp4_quantizer_factory"}
-                | {"fp4_recipe": "nvfp4"} if te_nvfp4 else te_config_fields(recipe))
+    routing = ("fp4_recipe", "fp4_quantizer_factory")  # which TE recipe: checked just above
+    expected = {k: v for k, v in te_config_fields(recipe).items()
+                if not (te_nvfp4 and k in routing)}
     if any(getattr(config, k) != v for k, v in expected.items()) or (recipe.is_bf16 and config.fp4):
         raise ValueError(f"the TransformerConfig does not select recipe {recipe.name!r} for TE; "
                          "build it with te_config_fields(recipe, device)")
-    if config.gradient_accumulation_fusion and not recipe.is_bf16 and not te_nvfp4:
+    if config.gradient_accumulation_fusion and not recipe.is_bf16 and config.fp4_recipe == "custom":
         raise ValueError("TE hands custom-recipe GEMMs no main_grad buffer; set "
                          "gradient_accumulation_fusion=False")
     factories.configure(recipe)

@@ -12,7 +12,7 @@ from megatron_averis.linear.operands import OperandPair, quantize_tensor
 from megatron_averis.recipes import RecipeError, get_recipe
 from megatron_averis.te import core, factories, native
 from megatron_averis.te.availability import TransformerEngineMissing, require_te, te_installed
-from megatron_averis.te.model import FACTORY_PATH, te_config_fields
+from megatron_averis.te.model import FACTORY_PATH, TE_NVFP4_REFERENCE, te_config_fields
 from megatron_averis.te.roles import slot_spec
 
 ROLES = ("fprop_input", "wgrad_input", "dgrad_grad", "wgrad_grad", "fprop_weight", "dgrad_weight")
@@ -91,6 +91,13 @@ def test_blackwell_dispatch(monkeypatch, name, overrides, fp4_tensor_cores, expe
     assert ("fp4_quantizer_factory" in fields) == (expected == "custom")
     assert ("num_layers_at_start_in_bf16" in fields) == (recipe.bf16_first_layers > 0)
     assert te_config_fields(recipe)["fp4_recipe"] == "custom"  # no device given: ours
+    ref = te_config_fields(recipe, "cuda:0", te_nvfp4_backend="reference")
+    if expected == "nvfp4":  # TE's Python reference of NVFP4BlockScaling in the same slot
+        assert (ref["fp4_recipe"], ref["fp4_quantizer_factory"]) == ("custom", TE_NVFP4_REFERENCE)
+    else:
+        assert ref == fields
+    with pytest.raises(ValueError, match="te_nvfp4_backend='hardware'"):
+        te_config_fields(recipe, "cuda:0", te_nvfp4_backend="hardware")
 
 
 def test_te_config_fields_select_the_configured_factory():

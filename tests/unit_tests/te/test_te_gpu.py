@@ -163,48 +163,91 @@ def mcore_cuda(tmp_path):
     dist.destroy_process_group()
 
 
+def _te_gpt(recipe, fields: dict):
+    """A 3-layer GPTModel of megatron-core's TE spec under `recipe` with these TE config fields."""
+    import torch.nn.functional as F
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_averis.te.model import build_te_gpt_model
+
+    model_parallel_cuda_manual_seed(1234)
+    cfg = TransformerConfig(
+        num_layers=3, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+        kv_channels=32, ffn_hidden_size=256, normalization="RMSNorm", qk_layernorm=True,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, bf16=True, params_dtype=torch.bfloat16,
+        gradient_accumulation_fusion=False, calculate_per_token_loss=True, **fields)
+    return build_te_gpt_model(cfg, recipe, vocab_size=256, max_seq_len=64, qk_layernorm=True,
+                              rotary_base=10000.0, share_embeddings_and_output_weights=True).cuda()
+
+
+def _loss_and_grads(model) -> float:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (2, 64), generator=g).cuda()
+    labels = torch.roll(tokens, -1, 1)
+    position_ids = torch.arange(64, device="cuda").expand(2, 64)
+    loss = model(tokens, position_ids, None, labels=labels).float().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    return loss.item()
+
+
+def _linears(layer):
+    return (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
+            layer.mlp.linear_fc1, layer.mlp.linear_fc2)
+
+
 def test_trainer_te_spec_runs_the_recipe(mcore_cuda):
     """--transformer-impl transformer_engine's model: megatron-core's TE GPT layers enter the
     recipe through get_fp4_context; every linear's quantizers are ours, BF16 edge layers keep
     TE's high precision, and the loss is the BF16 model's within FP4 noise."""
     _te()
-    import torch.nn.functional as F
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from megatron_averis.te.model import build_te_gpt_model, te_config_fields
+    from megatron_averis.te.model import te_config_fields
     from megatron_averis.te.quantizer import AverisQuantizer
 
-    def build(recipe):
-        model_parallel_cuda_manual_seed(1234)
-        cfg = TransformerConfig(
-            num_layers=3, hidden_size=128, num_attention_heads=4, num_query_groups=2,
-            kv_channels=32, ffn_hidden_size=256, normalization="RMSNorm", qk_layernorm=True,
-            gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-            hidden_dropout=0.0, attention_dropout=0.0, bf16=True, params_dtype=torch.bfloat16,
-            gradient_accumulation_fusion=False, calculate_per_token_loss=True,
-            **te_config_fields(recipe))
-        return build_te_gpt_model(cfg, recipe, vocab_size=256, max_seq_len=64, qk_layernorm=True,
-                                  rotary_base=10000.0, share_embeddings_and_output_weights=True).cuda()
-
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 256, (2, 64), generator=g).cuda()
-    labels = torch.roll(tokens, -1, 1)
-    position_ids = torch.arange(64, device="cuda").expand(2, 64)
     losses = {}
     for name, overrides in (("bf16", ()), ("averis", ("bf16_last_layers=1",))):
         recipe = get_recipe(name, list(overrides))
-        model = build(recipe)
-        loss = model(tokens, position_ids, None, labels=labels).float().mean()
-        loss.backward()
-        assert torch.isfinite(loss)
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        losses[name] = loss.item()
+        model = _te_gpt(recipe, te_config_fields(recipe))
+        losses[name] = _loss_and_grads(model)
         if name == "averis":
             for i, layer in enumerate(model.decoder.layers):
-                for lin in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
-                            layer.mlp.linear_fc1, layer.mlp.linear_fc2):
+                for lin in _linears(layer):
                     fwd = getattr(lin, "quantizers", {}).get("scaling_fwd") or []
                     ours = any(isinstance(q, AverisQuantizer) for q in fwd)
                     assert ours == (i < 2), f"layer {i}: Averis quantizers {ours}"
     assert abs(losses["averis"] - losses["bf16"]) <= 0.05 * abs(losses["bf16"])
+
+
+def test_blackwell_dispatch_with_te_reference(mcore_cuda, monkeypatch):
+    """The dispatch's Transformer Engine NVFP4BlockScaling route on a GPU without FP4 tensor
+    cores: the hardware check answers yes and TE's Python reference of NVFP4BlockScaling stands
+    in for its kernels (te_nvfp4_backend="reference"). nvfp4 then runs TE's reference quantizers
+    in every linear, averis still ours (the CustomRecipe route), and both losses are the BF16 model's within FP4 noise."""
+    _te()
+    from transformer_engine.pytorch.custom_recipes.reference_nvfp4 import NVFP4QuantizerRef
+
+    from megatron_averis.te import native
+    from megatron_averis.te.model import te_config_fields
+    from megatron_averis.te.quantizer import AverisQuantizer
+
+    monkeypatch.setattr(native, "hardware_fp4", lambda device: True)
+    losses = {}
+    for name, quantizer in (("bf16", None), ("nvfp4", NVFP4QuantizerRef),
+                            ("averis", AverisQuantizer)):
+        # nvfp4 asks for the hardware (auto); averis keeps its residual GEMMs emulated (dequant),
+        # as the patched check would otherwise send them to an FP4 GEMM this GPU lacks.
+        recipe = get_recipe(name, ["fp4_gemm=auto"] if name == "nvfp4" else [])
+        model = _te_gpt(recipe, te_config_fields(recipe, "cuda", te_nvfp4_backend="reference"))
+        losses[name] = _loss_and_grads(model)
+        if quantizer is not None:
+            for layer in model.decoder.layers:
+                for lin in _linears(layer):
+                    fwd = getattr(lin, "quantizers", {}).get("scaling_fwd") or []
+                    assert any(isinstance(q, quantizer) for q in fwd), (name, type(lin).__name__)
+    for name in ("nvfp4", "averis"):
+        assert abs(losses[name] - losses["bf16"]) <= 0.05 * abs(losses["bf16"])
+
+
