@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_averis.linear.context import LinearContext
-from megatron_averis.numerics.operand import QuantizedOperand, _store_mean, quantize_operand, token_mean
+from megatron_averis.numerics.operand import QuantizedOperand, store_mean, quantize_operand, token_mean
 
 TENSOR_ROLES = {
     "input": ("fprop_input", "wgrad_input"),
@@ -126,7 +126,7 @@ def _reused_stats(ctx: LinearContext, tensor: str, x2d: torch.Tensor, reducer,
     if (a.quantized and a.mean_split and b.mean_split and a.mean_format == b.mean_format
             and not row_rotated):
         shared["mean"] = (first.mean if first is not None
-                          else _store_mean(token_mean(x2d, 0, reducer, token_sum=r.token_sum),
+                          else store_mean(token_mean(x2d, 0, reducer, token_sum=r.token_sum),
                                            a.mean_format))
     same_residual = "mean" in shared or (not a.mean_split and not b.mean_split)
     if (first is not None and first.amax is not None and same_residual and b.format == "nvfp4"

@@ -186,7 +186,8 @@ def ones_along_k(k: int, signs: torch.Tensor | None, device) -> torch.Tensor:
     return (blockwise_rht(ones, signs) if signs is not None else ones).view(k)
 
 
-def _store_mean(m: torch.Tensor, fmt: str):
+def store_mean(m: torch.Tensor, fmt: str):
+    """μ as an operand keeps it: FP32, BF16, or NVFP4-quantized (mean_format)."""
     if fmt == "fp32":
         return m
     if fmt == "bf16":
@@ -310,12 +311,12 @@ def quantize_operand(
             r = blockwise_rht(r.float(), signs)
         if mean is None:
             m, rng = token_mean(r, 0, reducer, with_range=True, token_sum=token_sum)
-            mean = _store_mean(m, mean_format)
+            mean = store_mean(m, mean_format)
         sub = _as_fp32(mean).view(1, -1)
     elif mean_dim == 1:
         if mean is None:
             m, rng = token_mean(r, 1, reducer, with_range=True, token_sum=token_sum)
-            mean = _store_mean(m, mean_format)
+            mean = store_mean(m, mean_format)
         sub = _as_fp32(mean).view(-1, 1)
         if signs is not None:
             rng = None  # the range of x bounds x - μ̂, not its rotation

@@ -19,20 +19,13 @@ else this raises and names the setting that forces emulation.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from megatron_averis.formats import E2M1_MAX, E4M3_MAX
-from megatron_averis.numerics.qgemm import mm_fp32, qgemm
+from megatron_averis.numerics.qgemm import mm_fp32
 
 E2M1_E4M3_MAX = E2M1_MAX * E4M3_MAX
 _checked = {"done": False}
-
-
-def qgemm_accepts_product() -> bool:
-    """numerics.qgemm takes a `product=` override of Â·B̂ᵀ (the seam this path needs)."""
-    return "product" in inspect.signature(qgemm).parameters
 
 
 def hardware_fp4(device: torch.device) -> bool:
@@ -54,12 +47,12 @@ def product_for(a, b, fp4_gemm: str):
     if fp4_gemm not in ("auto", "native"):
         return None
     usable = (a.qt is not None and b.qt is not None and a.qt.fmt == b.qt.fmt == "nvfp4"
-              and _aligned(a, b) and hardware_fp4(a.qt.data.device) and qgemm_accepts_product())
+              and _aligned(a, b) and hardware_fp4(a.qt.data.device))
     if not usable:
         if fp4_gemm == "native":
             raise RuntimeError("fp4_gemm=native but the native NVFP4 GEMM cannot be used here "
                                "(needs sm_100+, TE NVFP4 support, NVFP4 operands with M, N "
-                               "multiples of 16 and K of 32, and numerics.qgemm's product= seam); "
+                               "multiples of 16 and K of 32); "
                                "use --fp4-gemm auto to emulate where it cannot")
         return None
     return checked_product
