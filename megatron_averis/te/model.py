@@ -69,6 +69,14 @@ def te_config_fields(recipe: Recipe, device: torch.device | str | None = None, *
     return fields
 
 
+def config_runs_te_nvfp4(config) -> bool:
+    """Whether a TransformerConfig selects TE's NVFP4BlockScaling (native or its reference).
+    megatron-core's fp4_recipe defaults to "nvfp4" with fp4 unset (BF16), so fp4 is looked at first."""
+    return bool(getattr(config, "fp4", None)) and (
+        getattr(config, "fp4_recipe", None) == "nvfp4"
+        or getattr(config, "fp4_quantizer_factory", None) == TE_NVFP4_REFERENCE)
+
+
 def build_te_gpt_model(config, recipe: Recipe, *, vocab_size: int, max_seq_len: int,
                        qk_layernorm: bool, rotary_base, share_embeddings_and_output_weights: bool,
                        pre_process: bool = True, post_process: bool = True,
@@ -82,8 +90,7 @@ def build_te_gpt_model(config, recipe: Recipe, *, vocab_size: int, max_seq_len: 
 
     from megatron_averis.te import factories
 
-    te_nvfp4 = (getattr(config, "fp4_recipe", None) == "nvfp4"
-                or getattr(config, "fp4_quantizer_factory", None) == TE_NVFP4_REFERENCE)
+    te_nvfp4 = config_runs_te_nvfp4(config)
     if te_nvfp4 and not is_nvidia_recipe(recipe):
         raise ValueError(f"the config runs Transformer Engine's NVFP4BlockScaling, which is the "
                          f"nvfp4 preset, not {recipe.name!r}; build the config with "

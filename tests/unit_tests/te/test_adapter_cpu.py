@@ -12,7 +12,8 @@ from megatron_averis.linear.operands import OperandPair, quantize_tensor
 from megatron_averis.recipes import RecipeError, get_recipe
 from megatron_averis.te import core, factories, native
 from megatron_averis.te.availability import TransformerEngineMissing, require_te, te_installed
-from megatron_averis.te.model import FACTORY_PATH, TE_NVFP4_REFERENCE, te_config_fields
+from megatron_averis.te.model import (FACTORY_PATH, TE_NVFP4_REFERENCE, config_runs_te_nvfp4,
+                                      te_config_fields)
 from megatron_averis.te.roles import slot_spec
 
 ROLES = ("fprop_input", "wgrad_input", "dgrad_grad", "wgrad_grad", "fprop_weight", "dgrad_weight")
@@ -201,3 +202,21 @@ def test_quantize_once_recipes_are_refused_by_the_te_route():
 
     with pytest.raises(RecipeError, match="--transformer-impl local"):
         factories.QFactory("averis-paper")
+
+
+@pytest.mark.parametrize("name, overrides, backend, expected", [
+    ("bf16", [], "native", False),  # megatron-core's fp4_recipe default is "nvfp4", fp4 unset
+    ("averis", [], "native", False),
+    ("nvfp4", ["fp4_gemm=auto"], "native", True),
+    ("nvfp4", ["fp4_gemm=auto"], "reference", True),
+])
+def test_config_runs_te_nvfp4_reads_real_configs(monkeypatch, name, overrides, backend, expected):
+    """A real TransformerConfig built from the fields (found on the H200: BF16 configs carry
+    fp4_recipe="nvfp4" by default and were taken for TE's NVFP4 route)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    monkeypatch.setattr(native, "hardware_fp4", lambda device: True)
+    fields = te_config_fields(get_recipe(name, overrides), "cuda:0", te_nvfp4_backend=backend)
+    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                            use_cpu_initialization=True, **fields)
+    assert config_runs_te_nvfp4(cfg) is expected
