@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole performance benchmark of issue 6 on one GPU, into one report file:
+# The whole performance benchmark of issues 6 and 18 on one GPU, into one report file:
 #   bash benchmarks/run_all.sh [REPORT]        (default REPORT: benchmarks-report.md)
 # 1. quant_kernels.py: kernel bandwidth against copy, per-GEMM ratios to BF16;
 # 2. linear_step.py: one linear's forward+backward per recipe, at the Qwen3-0.6B fc1 and Llama-1B
