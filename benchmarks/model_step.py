@@ -76,7 +76,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 
-from megatron_averis.linear.saved import SavedBytes  # noqa: E402
+from megatron_averis.linear.saved import RunningModule, SavedBytes  # noqa: E402
 from megatron_averis.recipes import PRESETS as RECIPE_PRESETS  # noqa: E402
 from megatron_averis.training import distributed  # noqa: E402
 from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args  # noqa: E402
@@ -166,7 +166,7 @@ class _StepBench(Trainer):
         self._build_schedules()
         self.guard = DivergenceGuard(cfg.fault_tolerance)
         self.activation_bytes: list[int] | None = None  # lists while measuring
-        self.saved_bytes: list[int] | None = None
+        self.saved_bytes: list[SavedBytes] | None = None
 
     def _forward_step(self, data_iterator, model):
         if self.saved_bytes is None:
@@ -174,11 +174,12 @@ class _StepBench(Trainer):
         # The schedule calls this once per micro-batch; the backward comes after it returns.
         on_gpu = self.device.type == "cuda"
         before = torch.cuda.memory_allocated(self.device) if on_gpu else 0
-        with SavedBytes(exclude=[p for m in self.model for p in m.parameters()]) as saved:
+        with RunningModule() as running, SavedBytes(
+                exclude=[p for m in self.model for p in m.parameters()], label=running.name) as saved:
             result = super()._forward_step(data_iterator, model)
         if on_gpu:
             self.activation_bytes.append(torch.cuda.memory_allocated(self.device) - before)
-        self.saved_bytes.append(saved.total)
+        self.saved_bytes.append(saved)
         return result
 
 
@@ -245,7 +246,7 @@ def run_recipe(model: str, recipe: str, cfg: TrainingConfig, opts, device: torch
     model_ref = weakref.ref(bench.model[0])
     data = itertools.repeat(batch)  # Trainer._forward_step takes next() per micro-batch
     measure_at = 0 if mode == "graph" else max(opts.warmup_steps - 1, 0)
-    times, activation, saved, skipped = [], None, None, 0
+    times, activation, saved, saved_by_module, skipped = [], None, None, None, 0
     for i in range(opts.warmup_steps + opts.steps):
         bench.saved_bytes = [] if i == measure_at else None
         bench.activation_bytes = [] if on_gpu and i == measure_at else None
@@ -258,7 +259,9 @@ def run_recipe(model: str, recipe: str, cfg: TrainingConfig, opts, device: torch
         if bench.activation_bytes is not None:
             activation = max(bench.activation_bytes) / 2**30
         if bench.saved_bytes is not None:
-            saved = max(bench.saved_bytes) / 2**30
+            largest = max(bench.saved_bytes, key=lambda b: b.total)
+            saved = largest.total / 2**30
+            saved_by_module = {k: v / 2**30 for k, v in sorted(largest.by_label.items())}
         bench.activation_bytes = bench.saved_bytes = None
         if i >= opts.warmup_steps:
             times.append(seconds)
@@ -281,6 +284,7 @@ def run_recipe(model: str, recipe: str, cfg: TrainingConfig, opts, device: torch
         "peak_memory_gib": memory_gib(device)[0] if on_gpu else None,
         "activation_memory_gib": activation,
         "saved_for_backward_gib": saved,
+        "saved_by_module_gib": saved_by_module,
         "loss": (loss[0] / loss[1]).item(),  # of the last step; ~ln(vocab) at initialisation
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "skipped_steps": skipped,
@@ -308,7 +312,7 @@ def _record(model: str, recipe: str, cfg: TrainingConfig, opts, device: torch.de
         "peak_tflops": opts.peak_tflops, "trainer_args": opts.trainer_args,
         "step_ms": None, "step_ms_min": None, "step_ms_max": None, "ratio_to_bf16": None,
         "tokens_per_second": None, "tflops_per_gpu": None, "mfu": None, "peak_memory_gib": None,
-        "activation_memory_gib": None, "saved_for_backward_gib": None, "loss": None, "grad_norm": None, "skipped_steps": None,
+        "activation_memory_gib": None, "saved_for_backward_gib": None, "saved_by_module_gib": None, "loss": None, "grad_norm": None, "skipped_steps": None,
         "gpu_time_ms": None, "seconds_total": None, "error": None,
     }
 
@@ -448,7 +452,31 @@ def print_model_report(model: str, records: list[dict]) -> None:
         for t in check_targets(model, by_recipe, mode):
             _out(f"- {t['target']}: {t['text']}")
         _out()
+    print_saved_by_module(records)
     print_gpu_time(records)
+
+
+def print_saved_by_module(records: list[dict]) -> None:
+    """What bounds the activation memory: saved-for-backward bytes by the module that saved them
+    (the innermost one running), per recipe, from the first mode measured."""
+    measured = [r for r in records if r["error"] is None and r.get("saved_by_module_gib")]
+    if not measured:
+        return
+    measured = [r for r in measured if r["mode"] == measured[0]["mode"]]
+    rows = {name for r in measured for name in r["saved_by_module_gib"]}
+    first = measured[0]["saved_by_module_gib"]
+    order = sorted(rows, key=lambda n: -first.get(n, 0.0))
+    _out(f"Saved for backward by module (GiB, one micro-batch, {measured[0]['mode']} step; "
+         "the innermost module running when a tensor was saved):")
+    _out()
+    _out("| module | " + " | ".join(r["recipe"] for r in measured) + " |")
+    _out("|---|" + "---|" * len(measured))
+    for name in order:
+        cells = [r["saved_by_module_gib"].get(name) for r in measured]
+        _out(f"| {name} | " + " | ".join(_num(c, ".3f") for c in cells) + " |")
+    _out("| total | " + " | ".join(_num(r["saved_for_backward_gib"], ".3f") for r in measured)
+         + " |")
+    _out()
 
 
 def print_gpu_time(records: list[dict]) -> None:

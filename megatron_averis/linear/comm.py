@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_averis.numerics.blockscale import QuantizedTensor
-from megatron_averis.numerics.operand import QuantizedOperand
+from megatron_averis.numerics.operand import LOCAL, QuantizedOperand, StatsReducer
 
 
 class _GroupReducer:
@@ -46,12 +46,14 @@ class TPComm:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def reducer(self, tokens_sharded: bool, features_sharded: bool) -> _GroupReducer:
+    def reducer(self, tokens_sharded: bool, features_sharded: bool) -> StatsReducer:
         """Statistics reducer for an operand of which this rank holds a part: the amax is reduced
         whenever the operand is split (so its tensor scale is the global one), the column sums
         for the mean only when the tokens are split."""
         split = self.distributed and (tokens_sharded or features_sharded)
-        return _GroupReducer(self, sums=self.distributed and tokens_sharded, amax=split)
+        if not split:  # nothing to combine: the local statistics (no collective, no packing)
+            return LOCAL
+        return _GroupReducer(self, sums=tokens_sharded, amax=True)
 
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.distributed:

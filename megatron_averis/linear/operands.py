@@ -18,9 +18,9 @@ split for X of a row-parallel layer, G of a column-parallel one and W of both. E
 gets its global position (stochastic-rounding bits, see numerics.random).
 
 Reuse between the two operands of one tensor. The columnwise operand takes the rowwise one's
-stored μ̂ when both split the mean in the same format and the rowwise operand is not rotated (its
-μ̂ is then the mean of the tensor itself; when only the columnwise operand is asked for, μ̂ is
-computed the same way, so the bits do not depend on who asks when). It takes the residual amax
+stored μ̂ and its FP32 form when both split the mean in the same format and the rowwise operand
+is not rotated (its μ̂ is then the mean of the tensor itself; when only the columnwise operand is
+asked for, μ̂ is computed the same way, so the bits do not depend on who asks when). It takes the residual amax
 too when both then quantize the same residual in NVFP4 without rotation (the amax of a tensor and
 its transpose are equal, so this only saves a pass).
 
@@ -125,9 +125,11 @@ def _reused_stats(ctx: LinearContext, tensor: str, x2d: torch.Tensor, reducer,
     shared = {}
     if (a.quantized and a.mean_split and b.mean_split and a.mean_format == b.mean_format
             and not row_rotated):
-        shared["mean"] = (first.mean if first is not None
-                          else store_mean(token_mean(x2d, 0, reducer, token_sum=r.token_sum),
-                                           a.mean_format))
+        if first is not None:
+            shared.update(mean=first.mean, mean_fp32=first.mean_fp32())
+        else:
+            shared["mean"] = store_mean(token_mean(x2d, 0, reducer, token_sum=r.token_sum),
+                                        a.mean_format)
     same_residual = "mean" in shared or (not a.mean_split and not b.mean_split)
     if (first is not None and first.amax is not None and same_residual and b.format == "nvfp4"
             and not row_rotated and not col_rotated):

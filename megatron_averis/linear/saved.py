@@ -103,13 +103,17 @@ def unpack_operands(tensors, layouts) -> list[QuantizedOperand]:
 class SavedBytes:
     """Bytes that autograd keeps for backward from what runs inside the `with` block: each
     storage counted once and whole (a view keeps its whole storage alive), except the storages
-    of `exclude` (parameters: alive anyway). `by_dtype` splits the total by element type."""
+    of `exclude` (parameters: alive anyway). `by_dtype` splits the total by element type;
+    `by_label` by what `label()` (if given) names when a storage is first saved, e.g. the
+    module whose forward is running."""
 
-    def __init__(self, exclude=()):
+    def __init__(self, exclude=(), label=None):
         self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
         self._seen: set[int] = set()
+        self._label = label
         self.total = 0
         self.by_dtype: dict[torch.dtype, int] = {}
+        self.by_label: dict[str, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -117,8 +121,12 @@ class SavedBytes:
         key = storage.data_ptr()
         if key not in self._excluded and key not in self._seen:
             self._seen.add(key)
-            self.total += storage.nbytes()
-            self.by_dtype[t.dtype] = self.by_dtype.get(t.dtype, 0) + storage.nbytes()
+            n = storage.nbytes()
+            self.total += n
+            self.by_dtype[t.dtype] = self.by_dtype.get(t.dtype, 0) + n
+            if self._label is not None:
+                name = self._label()
+                self.by_label[name] = self.by_label.get(name, 0) + n
         return t
 
     def __enter__(self) -> "SavedBytes":
@@ -127,3 +135,37 @@ class SavedBytes:
 
     def __exit__(self, *exc):
         return self._hooks.__exit__(*exc)
+
+
+class RunningModule:
+    """Inside the `with` block, `name()` is the class name of the innermost module whose forward
+    is running ("outside modules" between them): SavedBytes(label=tracker.name) then splits what
+    is saved by the module that saved it. Global forward hooks, so only for measuring."""
+
+    OUTSIDE = "outside modules"
+
+    def __init__(self):
+        self._stack: list[str] = []
+        self._handles = []
+
+    def name(self) -> str:
+        return self._stack[-1] if self._stack else self.OUTSIDE
+
+    def _enter(self, module, args):
+        self._stack.append(type(module).__name__)
+
+    def _exit(self, module, args, output):
+        if self._stack:
+            self._stack.pop()
+
+    def __enter__(self) -> "RunningModule":
+        from torch.nn.modules import module as nn_module
+
+        self._handles = [nn_module.register_module_forward_pre_hook(self._enter),
+                         nn_module.register_module_forward_hook(self._exit)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles, self._stack = [], []

@@ -271,6 +271,7 @@ def quantize_operand(
     amax: torch.Tensor | None = None,
     token_sum: str = "torch",
     output: str = "payload",
+    mean_fp32: torch.Tensor | None = None,
 ) -> QuantizedOperand:
     """Build a GEMM operand from x [rows, K] (blocks along K).
 
@@ -282,7 +283,8 @@ def quantize_operand(
     quantize the same residual, only transposed. `token_sum` orders the sums behind the mean
     (token_mean; the recipe's token_sum field). `output` (OUTPUTS): what the caller keeps:
     the packed payload ("payload": saved or communicated), the BF16 GEMM operand written in the
-    quantize pass ("values": consumed right away by a GEMM), or both.
+    quantize pass ("values": consumed right away by a GEMM), or both. `mean_fp32`: the FP32 form
+    of a passed `mean` (that operand's mean_fp32()), so it is not converted again.
     """
     if x.dim() != 2:
         raise ValueError(f"a GEMM operand must be 2-D [rows, K], got shape {tuple(x.shape)}")
@@ -298,6 +300,8 @@ def quantize_operand(
 
     if mean is not None and (mean_dim is None or (mean_dim == 0 and signs is not None)):
         raise ValueError("a precomputed mean needs a mean split without rotation along the mean")
+    if mean_fp32 is not None and mean is None:
+        raise ValueError("mean_fp32 is the FP32 form of a passed mean: pass the mean too")
     if amax is not None and (signs is not None or fmt != "nvfp4"):
         raise ValueError("a precomputed amax applies only to unrotated NVFP4 operands")
     # The quantizers take the FP32 residual as (r, sub, rot): blockwise_rht(r.float() - sub, rot)
@@ -312,12 +316,14 @@ def quantize_operand(
         if mean is None:
             m, rng = token_mean(r, 0, reducer, with_range=True, token_sum=token_sum)
             mean = store_mean(m, mean_format)
-        sub = _as_fp32(mean).view(1, -1)
+        mean_fp32 = _as_fp32(mean) if mean_fp32 is None else mean_fp32
+        sub = mean_fp32.view(1, -1)
     elif mean_dim == 1:
         if mean is None:
             m, rng = token_mean(r, 1, reducer, with_range=True, token_sum=token_sum)
             mean = store_mean(m, mean_format)
-        sub = _as_fp32(mean).view(-1, 1)
+        mean_fp32 = _as_fp32(mean) if mean_fp32 is None else mean_fp32
+        sub = mean_fp32.view(-1, 1)
         if signs is not None:
             rng = None  # the range of x bounds x - μ̂, not its rotation
             if fused_rht:
@@ -341,5 +347,8 @@ def quantize_operand(
                             **_KERNEL_OUTPUTS[output])
     else:
         raise ValueError(f"unknown operand format {fmt!r}; use bf16, nvfp4 or mxfp4")
-    return QuantizedOperand(tuple(x.shape), qt=qt, mean=mean, mean_dim=mean_dim, signs=signs,
-                            transposed=transposed, amax=amax if fmt == "nvfp4" else None)
+    op = QuantizedOperand(tuple(x.shape), qt=qt, mean=mean, mean_dim=mean_dim, signs=signs,
+                          transposed=transposed, amax=amax if fmt == "nvfp4" else None)
+    if mean_fp32 is not None:  # what mean_fp32() returns, converted once above
+        op._cache["mean"] = mean_fp32.reshape(-1)
+    return op

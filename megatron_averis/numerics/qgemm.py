@@ -117,9 +117,21 @@ def _product_plus_terms(a: QuantizedOperand, b: QuantizedOperand, terms: list[Me
     return out.to(out_dtype)
 
 
-def _rowwise_dot(op: QuantizedOperand, v: torch.Tensor) -> torch.Tensor:
-    """R̂·v in FP32 for an operand's residual (K-indexed v): one GEMV."""
+def _rowwise_dot(op: QuantizedOperand, v: torch.Tensor,
+                 v_bf16: torch.Tensor | None = None) -> torch.Tensor:
+    """R̂·v in FP32 for an operand's residual (K-indexed v): one GEMV. When v is exact in BF16
+    (`v_bf16`: a BF16-stored μ̂, or e) the GEMV reads the operand's BF16 values as they are, with
+    FP32 accumulation: the products are exact in FP32 either way, and no FP32 copy of the
+    operand (a weight-sized cast per GEMM) is made."""
+    if v_bf16 is not None:
+        return mm_fp32(op.values(), v_bf16.view(1, -1)).view(-1) * op.scale()
     return (op.values().float() @ v) * op.scale()
+
+
+def _bf16_mean(op: QuantizedOperand) -> torch.Tensor | None:
+    """The operand's μ̂ when it is stored in BF16 (mean_format="bf16"), else None."""
+    m = op.mean
+    return m if isinstance(m, torch.Tensor) and m.dtype == torch.bfloat16 else None
 
 
 def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = None,
@@ -157,17 +169,22 @@ def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = 
             ones["e"] = ones_along_k(k, a.signs, device)
         return ones["e"]
 
+    def e_bf16():  # e's entries are multiples of 1/4 in [-4, 4]: exact in BF16
+        if "e_bf16" not in ones:
+            ones["e_bf16"] = e().to(torch.bfloat16)
+        return ones["e_bf16"]
+
     both_reduction = a.mean_dim == 1 and b.mean_dim == 1 and not cross_terms
     if mb is not None and not both_reduction:
         if b.mean_dim == 0:
-            terms.append(MeanTerm(row=_rowwise_dot(a, mb)))
+            terms.append(MeanTerm(row=_rowwise_dot(a, mb, _bf16_mean(b))))
         else:
-            terms.append(MeanTerm(row=_rowwise_dot(a, e()), col=mb))
+            terms.append(MeanTerm(row=_rowwise_dot(a, e(), e_bf16()), col=mb))
     if ma is not None and not both_reduction:
         if a.mean_dim == 0:
-            terms.append(MeanTerm(col=_rowwise_dot(b, ma)))
+            terms.append(MeanTerm(col=_rowwise_dot(b, ma, _bf16_mean(a))))
         else:
-            terms.append(MeanTerm(row=ma, col=_rowwise_dot(b, e())))
+            terms.append(MeanTerm(row=ma, col=_rowwise_dot(b, e(), e_bf16())))
     if ma is not None and mb is not None:
         if a.mean_dim == 0 and b.mean_dim == 0:
             terms.append(MeanTerm(scalar=torch.dot(ma, mb)))

@@ -69,6 +69,19 @@ def test_tiny_preset_on_cpu(tmp_path, capsys, launch_env_restored):
     assert bf16["ratio_to_bf16"] == 1.0
     # Counted by saved-tensor hooks on every device: the FP4 linears keep packed operands.
     assert 0 < averis["saved_for_backward_gib"] < bf16["saved_for_backward_gib"]
+    # Split by the module that saved each storage: the parts add up to the total; the FP4
+    # linears keep less than BF16's, every other module (norms, attention, SwiGLU, loss) the same.
+    for r in records:
+        assert sum(r["saved_by_module_gib"].values()) == pytest.approx(r["saved_for_backward_gib"])
+    by_bf16, by_averis = bf16["saved_by_module_gib"], averis["saved_by_module_gib"]
+    assert set(by_bf16) == set(by_averis)
+    fp4_linears = {"AverisColumnParallelLinear", "AverisRowParallelLinear"}
+    assert fp4_linears <= set(by_bf16) and {"RMSNorm", "MLP"} <= set(by_bf16)
+    for name in by_bf16:
+        if name in fp4_linears:
+            assert by_averis[name] < by_bf16[name], name
+        else:
+            assert by_averis[name] == by_bf16[name], name
     assert averis["ratio_to_bf16"] == pytest.approx(averis["step_ms"] / bf16["step_ms"])
 
     stdout = capsys.readouterr().out
@@ -77,6 +90,8 @@ def test_tiny_preset_on_cpu(tmp_path, capsys, launch_env_restored):
            "| activation memory GiB | saved for backward GiB |" in stdout
     ratio = averis["saved_for_backward_gib"] / bf16["saved_for_backward_gib"]
     assert f"eager: saved for backward / bf16's: averis {ratio:.3f}x" in stdout
+    assert "Saved for backward by module (GiB, one micro-batch, eager step;" in stdout
+    assert "| module | bf16 | averis |" in stdout
     assert f"| averis | eager | {averis['step_ms']:.1f} | {averis['ratio_to_bf16']:.2f}x |" in stdout
     assert "Targets (issue 18), eager:" in stdout and "graph" not in stdout  # eager only on CPU
     assert "- averis step ≤ 1.03x nvfp4-nohadamard: not measured (needs nvfp4-nohadamard to run)" in stdout

@@ -8,7 +8,7 @@ import torch
 
 from megatron_averis.linear import QuantizedLinear
 from megatron_averis.linear.comm import SINGLE_DEVICE
-from megatron_averis.linear.saved import SavedBytes
+from megatron_averis.linear.saved import RunningModule, SavedBytes
 from megatron_averis.numerics import quantize_operand, qgemm, random_signs
 from megatron_averis.numerics.random import mix_seed
 from megatron_averis.recipes import OPERAND_ROLES, get_recipe
@@ -169,3 +169,22 @@ def test_tp_sp_saves_the_local_payload_and_matches_one_device(tp_results, case):
             assert gathered == (2 * tl * K, 2 * tl * K)
         else:  # X's packed payload (codes + E4M3 scales), 9/32 of its BF16 bytes, both ways
             assert gathered == (tl * K * 9 // 16, tl * K * 9 // 16), (case, rank, gathered)
+
+
+def test_saved_bytes_split_by_running_module():
+    """Each saved storage is charged to the innermost module running when it was first saved;
+    the sizes are those of the tensors the ops are known to save (FP32, 4 bytes)."""
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh())
+    x = torch.randn(3, 8, requires_grad=True)
+    with RunningModule() as running, SavedBytes(exclude=list(net.parameters()),
+                                                label=running.name) as saved:
+        y = net(x) * 2.0
+        (y * y).sum()
+    assert saved.by_label == {"Linear": 3 * 8 * 4,  # addmm keeps its input
+                              "Tanh": 3 * 4 * 4,  # tanh keeps its output
+                              RunningModule.OUTSIDE: 3 * 4 * 4}  # y * y keeps y (one storage)
+    assert saved.total == sum(saved.by_label.values())
+    # The global hooks are gone after the block: nothing is charged to a module any more.
+    with SavedBytes(label=running.name) as after:
+        net(x)
+    assert set(after.by_label) == {RunningModule.OUTSIDE}
