@@ -138,9 +138,16 @@ def profile_step(bench, data, device: torch.device) -> dict:
         bench.train_step(data)
         _sync(device)
     bench.iteration += 1
+    return gpu_time_by_kind(prof.events())
+
+
+def gpu_time_by_kind(events) -> dict:
+    """{kind: [ms, launches]} of the GPU's kernels, memcpys and memsets among profiler events.
+    CPU ops are skipped, and so are user annotations that the profiler also draws on the GPU
+    timeline (e.g. Optimizer.step#FusedAdam.step): they span kernels counted on their own."""
     kinds: dict = {}
-    for e in prof.events():  # CPU ops and the GPU's kernels, memcpys and memsets
-        if e.device_type.name != "CUDA":
+    for e in events:
+        if e.device_type.name != "CUDA" or getattr(e, "is_user_annotation", False):
             continue
         row = kinds.setdefault(kernel_kind(e.name), [0.0, 0])
         row[0] += (e.time_range.end - e.time_range.start) / 1e3  # microseconds -> ms

@@ -159,6 +159,26 @@ def test_targets_pass_and_miss_by_how_much():
     assert "(needs an FP4 recipe to run)" in qwen["FP4 recipes' activation memory ≤ 70% of BF16's"]["text"]
 
 
+def test_gpu_time_counts_kernels_once():
+    """GPU kernels are summed by kind; CPU ops and the GPU-timeline user annotations (which span
+    kernels already counted, e.g. the optimizer step's) are not."""
+    from types import SimpleNamespace as NS
+
+    def event(name, device, start, end, annotation=False):
+        return NS(name=name, device_type=NS(name=device), time_range=NS(start=start, end=end),
+                  is_user_annotation=annotation)
+
+    adam = "void multi_tensor_apply_kernel<TensorListMetadata<4, false>, multi_tensor_adam>"
+    kinds = _model_step().gpu_time_by_kind([
+        event("aten::mm", "CPU", 0, 5000),
+        event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "CUDA", 0, 1500),
+        event("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", "CUDA", 2000, 2500),
+        event(adam, "CUDA", 3000, 7000),
+        event("Optimizer.step#FusedAdam.step", "CUDA", 3000, 7000, annotation=True),
+    ])
+    assert kinds == {"cuBLAS GEMMs": [2.0, 2], "other elementwise": [4.0, 1]}
+
+
 def test_kernel_kinds_and_gpu_time_table(capsys):
     ms = _model_step()
     kinds = {
