@@ -20,9 +20,9 @@ gets its global position (stochastic-rounding bits, see numerics.random).
 Reuse between the two operands of one tensor. The columnwise operand takes the rowwise one's
 stored μ̂ and its FP32 form when both split the mean in the same format and the rowwise operand
 is not rotated (its μ̂ is then the mean of the tensor itself; when only the columnwise operand is
-asked for, μ̂ is computed the same way, so the bits do not depend on who asks when). It takes the residual amax
-too when both then quantize the same residual in NVFP4 without rotation (the amax of a tensor and
-its transpose are equal, so this only saves a pass).
+asked for, μ̂ is computed the same way, so the bits do not depend on who asks when). It takes
+the residual amax too when both then quantize the same residual in NVFP4 without rotation (the
+amax of a tensor and its transpose are equal, so this only saves a pass).
 
 What is kept of an operand (`output`, numerics.operand.OUTPUTS). An operand that a GEMM consumes
 at once is asked for as "values": the quantize kernel writes the BF16 GEMM operand in its pass
