@@ -309,22 +309,17 @@ def quantize_operand(
     # rotation is materialized. Without the kernels the rotation is applied here, once, instead.
     r, sub, rng, rot = x, None, None, None
     fused_rht = signs is not None and backend.operand_kernels(x, signs) is not None
-    if mean_dim == 0:
-        # μ is the mean of the rotated operand (token_mean reads it), so it is materialized.
-        if signs is not None:
+    if mean_dim is not None:
+        if mean_dim == 0 and signs is not None:
+            # μ is the mean of the rotated operand (token_mean reads it), so it is materialized.
             r = blockwise_rht(r.float(), signs)
         if mean is None:
-            m, rng = token_mean(r, 0, reducer, with_range=True, token_sum=token_sum)
+            m, rng = token_mean(r, mean_dim, reducer, with_range=True, token_sum=token_sum)
             mean = store_mean(m, mean_format)
-        mean_fp32 = _as_fp32(mean) if mean_fp32 is None else mean_fp32
-        sub = mean_fp32.view(1, -1)
-    elif mean_dim == 1:
-        if mean is None:
-            m, rng = token_mean(r, 1, reducer, with_range=True, token_sum=token_sum)
-            mean = store_mean(m, mean_format)
-        mean_fp32 = _as_fp32(mean) if mean_fp32 is None else mean_fp32
-        sub = mean_fp32.view(-1, 1)
-        if signs is not None:
+        if mean_fp32 is None:
+            mean_fp32 = _as_fp32(mean)
+        sub = mean_fp32.view((1, -1) if mean_dim == 0 else (-1, 1))
+        if mean_dim == 1 and signs is not None:
             rng = None  # the range of x bounds x - μ̂, not its rotation
             if fused_rht:
                 rot = signs
