@@ -78,6 +78,7 @@ from megatron.core import parallel_state  # noqa: E402
 
 from megatron_averis.linear.saved import RunningModule, SavedBytes  # noqa: E402
 from megatron_averis.recipes import PRESETS as RECIPE_PRESETS  # noqa: E402
+from megatron_averis.te.availability import te_installed  # noqa: E402
 from megatron_averis.training import distributed  # noqa: E402
 from megatron_averis.training.arguments import ConfigError, finalize_args, parse_args  # noqa: E402
 from megatron_averis.training.config import TrainingConfig  # noqa: E402
@@ -558,7 +559,8 @@ def _versions() -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    return f"torch {torch.__version__}, triton {triton_version}"
+    te = "importable" if te_installed() else "not importable (not installed, or hidden)"
+    return f"torch {torch.__version__}, triton {triton_version}, Transformer Engine {te}"
 
 
 def _run_logged(model: str, recipe: str, mode: str, cfg: TrainingConfig, opts,
@@ -646,6 +648,10 @@ def main(argv=None) -> int:
             batch = synthetic_batch(opts.micro_batch_size, opts.seq_length, opts.vocab_size,
                                     opts.seed, device)
             for model in opts.models:
+                # Each model's compiled fusions start from an empty cache, as in a training
+                # process of its own: no compile of one model's shapes is reused or widened
+                # to symbolic sizes by the next.
+                torch._dynamo.reset()
                 model_records = []
                 for mode in opts.modes:
                     mode_records = [_run_logged(model, recipe, mode, configs[(model, recipe, mode)],

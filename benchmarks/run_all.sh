@@ -5,7 +5,8 @@
 # 2. linear_step.py: one linear's forward+backward per recipe, at the Qwen3-0.6B fc1 and Llama-1B
 #    fc1 shapes (docs/performance.md, Commands);
 # 3. model_step.py: the whole training step of qwen3-0.6b and llama-1b per recipe, eager and as a
-#    CUDA graph (the trainer's --cuda-graph-impl local), with the targets;
+#    CUDA graph (the trainer's --cuda-graph-impl local), with the targets, with Transformer
+#    Engine hidden (benchmarks/without_te.py);
 # 4. the BF16 step again with Transformer Engine's layers, where TE is installed.
 # Standard error goes into the report too, so a failure's traceback is kept with the figures.
 set -euo pipefail
@@ -47,7 +48,10 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then com
     echo
     echo '## Whole training step (benchmarks/model_step.py)'
     echo
-    python3 benchmarks/model_step.py --profile bf16 nvfp4-nohadamard averis --json "${report%.md}-model-step.json"
+    # Without Transformer Engine even where it is installed: megatron-core's local layers would
+    # otherwise take TE's fused Adam and RoPE (issue 18 asks for the BF16 baseline without TE).
+    python3 benchmarks/without_te.py benchmarks/model_step.py --profile bf16 nvfp4-nohadamard averis \
+        --json "${report%.md}-model-step.json"
     echo
     echo '## BF16 step with Transformer Engine layers (--transformer-impl transformer_engine)'
     echo

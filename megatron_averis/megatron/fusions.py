@@ -24,8 +24,21 @@ import torch
 from megatron.core.jit import jit_fuser
 from megatron.core.models.common.embeddings import rope_utils
 
-# Compiled once per process; torch.compile specializes on shapes and recompiles on new ones.
+# Compiled once per process; torch.compile specializes on shapes and recompiles on new ones
+# (statically, after static_compiles()).
 _rotate_compiled = jit_fuser(rope_utils._apply_rotary_pos_emb_bshd)
+
+
+def static_compiles() -> None:
+    """Compile every new shape the compiled fusions meet as its own static kernel.
+
+    By default torch.compile recompiles a function's second shape with symbolic sizes
+    ("automatic dynamic shapes"). Shapes are fixed within a run, yet a few still differ per
+    call site: RoPE on q and on k under grouped-query attention, and any second model built in
+    one process. The symbolic kernels were 2.5-3x slower on an H200 (SwiGLU and cross entropy
+    of a second model, docs/performance.md), so a fixed-shape run compiles each shape once.
+    """
+    torch._dynamo.config.automatic_dynamic_shapes = False
 
 
 def compiled_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor,
@@ -71,10 +84,13 @@ class Fusions:
 
     def config_fields(self, *, on_gpu: bool, bf16: bool) -> dict:
         """TransformerConfig fields selecting the fused ops that run on this device and
-        precision; installs the RoPE provider when RoPE fusion is on."""
+        precision; installs the RoPE provider when RoPE fusion is on, and makes the compiled
+        fusions static per shape."""
         rope = self.rope and on_gpu
         if rope:
             install_rope_fusion()
+        if on_gpu and (self.rope or self.swiglu or self.cross_entropy):
+            static_compiles()
         return dict(
             apply_rope_fusion=rope,
             bias_activation_fusion=self.swiglu and on_gpu,

@@ -69,7 +69,8 @@ def test_rope_provider_fills_only_an_empty_slot(monkeypatch):
     assert rope_utils.fused_apply_rotary_pos_emb is te_kernel
 
 
-def test_config_fields_follow_device_and_precision():
+def test_config_fields_follow_device_and_precision(monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", True)  # restored after
     asked = fusions.Fusions(rope=True, swiglu=True, cross_entropy=True)
     on = asked.config_fields(on_gpu=True, bf16=True)
     assert on == {"apply_rope_fusion": True, "bias_activation_fusion": True,
@@ -80,6 +81,43 @@ def test_config_fields_follow_device_and_precision():
     assert fusions.Fusions(rope=False, swiglu=False).config_fields(on_gpu=True, bf16=True) == {
         "apply_rope_fusion": False, "bias_activation_fusion": False,
         "cross_entropy_loss_fusion": False, "cross_entropy_fusion_impl": "native"}
+
+
+def _graph_input_kinds(fn, shapes) -> list[list[str]]:
+    """Per graph torch.compile builds while fn runs on tensors of `shapes`: the kinds of its
+    placeholders (a symbolic size shows up as a SymInt input)."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([type(p.meta.get("example_value")).__name__
+                       for p in gm.graph.nodes if p.op == "placeholder"])
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=recording_backend)
+    for shape in shapes:
+        compiled(torch.ones(shape))
+    torch._dynamo.reset()
+    return graphs
+
+
+def test_fused_ops_compile_each_shape_statically(monkeypatch):
+    """A second shape (k after q under GQA, a second model) must not turn the compiled fusions
+    into symbolic-size kernels; torch's default does, which this test shows first."""
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", True)  # restored after
+    shapes = [(4, 8), (6, 8), (10, 8)]
+
+    def fn(x):
+        return torch.nn.functional.silu(x) * 2
+
+    default = _graph_input_kinds(fn, shapes)
+    assert len(default) == 2 and "SymInt" in default[1]  # the second shape widened to symbolic
+    fusions.Fusions(rope=False, swiglu=True).config_fields(on_gpu=True, bf16=True)
+    static = _graph_input_kinds(fn, shapes)
+    assert len(static) == 3 and not any("SymInt" in kinds for kinds in static)
+    torch._dynamo.config.automatic_dynamic_shapes = True
+    fusions.Fusions(rope=False, swiglu=False).config_fields(on_gpu=False, bf16=True)
+    assert torch._dynamo.config.automatic_dynamic_shapes  # CPU runs compile nothing: untouched
 
 
 class _Calls:
