@@ -31,6 +31,7 @@ from megatron_averis.training import checkpoint_dirs, preflight, rng_state
 from megatron_averis.training import checkpoint_integrity as integrity
 from megatron_averis.training.checkpoint_integrity import CheckpointDamaged, CheckpointWriteFailed
 from megatron_averis.training.config import TrainingConfig
+from megatron_averis.training.optim import torch_adams
 
 # What megatron-core's reader and writer raise; torch's CheckpointException is no Exception.
 _IO_ERRORS = (Exception, CheckpointException)
@@ -390,14 +391,15 @@ def _materialize_optimizer_state(optimizer) -> None:
     in its first step. Create Adam's state as that step would (step 0, zero moments) without
     touching any parameter; the checkpoint then overwrites the moments and main parameters, and
     _restore_adam_steps the step."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or len(inner.state) > 0:
-            continue  # the trainer builds Adam; other optimizers have other state
+    for inner in torch_adams(optimizer):  # the trainer builds Adam; others have other state
+        if len(inner.state) > 0:
+            continue
         for group in inner.param_groups:
+            on_device = group.get("fused") or group.get("capturable")  # else torch keeps it on CPU
             for p in group["params"]:
                 inner.state[p] = {
-                    "step": torch.tensor(0.0, dtype=torch.float32),
+                    "step": torch.tensor(0.0, dtype=torch.float32,
+                                         device=p.device if on_device else "cpu"),
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
                 }

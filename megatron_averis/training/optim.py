@@ -63,8 +63,33 @@ def build_optimizer(cfg: TrainingConfig, config, model_chunks):
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(megatron_config, model_chunks)
+    fuse_torch_adam(optimizer)
     config.grad_scale_func = optimizer.scale_loss
     return optimizer
+
+
+def torch_adams(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch Adam/AdamW optimizers inside a megatron-core optimizer (chained or not): what
+    megatron-core builds when neither Transformer Engine nor apex provides a fused Adam."""
+    inner = (getattr(opt, "optimizer", None)
+             for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def fuse_torch_adam(optimizer) -> None:
+    """Run megatron-core's torch AdamW fallback as torch's fused kernel on CUDA.
+
+    Without TE or apex megatron-core builds torch.optim.AdamW with its defaults, i.e. the
+    multi-tensor `foreach` implementation: several passes over parameters, gradients and both
+    moments per step. torch's `fused` implementation makes one pass, as TE's and apex's
+    FusedAdam do. Set before the first step, when Adam has no state yet (the step counters are
+    then created on the device, as fused Adam needs). CPU runs keep the default."""
+    for adam in torch_adams(optimizer):
+        params = [p for group in adam.param_groups for p in group["params"]]
+        if adam.state or not params or any(p.device.type != "cuda" for p in params):
+            continue
+        for group in adam.param_groups:
+            group.update(fused=True, foreach=False)
 
 
 def build_scheduler(adam: OptimizerConfig, schedule: ScheduleConfig,
