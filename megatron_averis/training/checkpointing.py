@@ -31,7 +31,7 @@ from megatron_averis.training import checkpoint_dirs, preflight, rng_state
 from megatron_averis.training import checkpoint_integrity as integrity
 from megatron_averis.training.checkpoint_integrity import CheckpointDamaged, CheckpointWriteFailed
 from megatron_averis.training.config import TrainingConfig
-from megatron_averis.training.optim import torch_adams
+from megatron_averis.training.optim import chained, is_torch_adam, torch_adams
 
 # What megatron-core's reader and writer raise; torch's CheckpointException is no Exception.
 _IO_ERRORS = (Exception, CheckpointException)
@@ -414,9 +414,8 @@ def _step_kept_where_not_loaded(optimizer):
     included: KeyError. For the duration of the load, complete those tensors with the live step
     (a copy onto itself); _restore_adam_steps then sets its value."""
     patched = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not (isinstance(opt, DistributedOptimizer)
-                and isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW))):
+    for opt in chained(optimizer):
+        if not (isinstance(opt, DistributedOptimizer) and is_torch_adam(opt.optimizer)):
             continue  # Apex/TE Adam keeps no per-parameter step
 
         def set_states(model_param, tensors, _opt=opt,
@@ -450,7 +449,7 @@ def _restore_adam_steps(optimizer) -> None:
     with the bias correction of step 1, and every later step diverges. The saved step survives in
     the inner optimizer's param groups (torch's load_state_dict keeps the saved groups' keys), so
     take it from there. With Apex/TE, Adam keeps its step in the param groups only: no-op."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in chained(optimizer):
         if not isinstance(opt, DistributedOptimizer):
             continue  # torch's own load_state_dict restores a per-parameter step exactly
         inner = opt.optimizer

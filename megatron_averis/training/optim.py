@@ -68,12 +68,21 @@ def build_optimizer(cfg: TrainingConfig, config, model_chunks):
     return optimizer
 
 
+def chained(optimizer) -> list:
+    """The megatron-core optimizers behind `optimizer`: a ChainedOptimizer's parts, or itself."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def is_torch_adam(inner) -> bool:
+    """torch's Adam/AdamW: what megatron-core builds when neither Transformer Engine nor apex
+    provides a fused Adam (those keep no per-parameter step)."""
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def torch_adams(optimizer) -> list[torch.optim.Optimizer]:
-    """The torch Adam/AdamW optimizers inside a megatron-core optimizer (chained or not): what
-    megatron-core builds when neither Transformer Engine nor apex provides a fused Adam."""
-    inner = (getattr(opt, "optimizer", None)
-             for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
-    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+    """The torch Adam/AdamW optimizers inside a megatron-core optimizer (chained or not)."""
+    inner = (getattr(opt, "optimizer", None) for opt in chained(optimizer))
+    return [o for o in inner if is_torch_adam(o)]
 
 
 def fuse_torch_adam(optimizer) -> None:

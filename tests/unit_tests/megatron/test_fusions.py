@@ -85,7 +85,7 @@ def test_config_fields_follow_device_and_precision(monkeypatch):
 
 def _graph_input_kinds(fn, shapes) -> list[list[str]]:
     """Per graph torch.compile builds while fn runs on tensors of `shapes`: the kinds of its
-    placeholders (a symbolic size shows up as a SymInt input)."""
+    graph inputs (a symbolic size shows up as a SymInt input)."""
     graphs = []
 
     def recording_backend(gm, example_inputs):
