@@ -54,7 +54,9 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError):
             _MM_OUT_DTYPE_OK[dev] = False
     with _no_tf32():
-        return torch.mm(a.float(), b.float().t())
+        # Dense copies: a CPU BLAS sums in an order that depends on the operands' layout, and a
+        # transposed view (dgrad's 16x16 Wᵀ) must give the bits of its contiguous equal.
+        return torch.mm(a.float().contiguous(), b.float().contiguous().t())
 
 
 class _no_tf32:
