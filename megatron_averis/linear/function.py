@@ -156,13 +156,16 @@ class _QuantizedLinear(torch.autograd.Function):
 
         dw = qgemm(gq_w, xq_w, cross_terms=once, fp4_gemm=ctx.recipe.fp4_gemm)
         grad_bias = g.float().sum(0).to(grad_out.dtype) if autograd_ctx.has_bias else None
-        if ctx.accumulate_main_grad:
-            weight.main_grad.add_(dw)
+        if ctx.accumulate_main_grad and getattr(weight, "main_grad", None) is not None:
+            weight.main_grad.add_(dw)  # dW in FP32, never rounded to the weight's dtype
             grad_weight = None
             if hasattr(weight, "grad_added_to_main_grad"):
-                # Megatron DDP expects a (dummy) grad so its hooks run on the main thread.
-                grad_weight = torch.zeros(weight.main_grad.shape, dtype=weight.dtype,
-                                          device=weight.device)
+                # Megatron DDP expects a (dummy) grad so its hooks run on the main thread; it
+                # skips adding one flagged as added, so its contents are read only when the
+                # weight asks for zeros (megatron-core's zero_out_wgrad).
+                alloc = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+                grad_weight = alloc(weight.main_grad.shape, dtype=weight.dtype,
+                                    device=weight.device)
                 weight.grad_added_to_main_grad = True
         else:
             grad_weight = dw.to(weight.dtype)
