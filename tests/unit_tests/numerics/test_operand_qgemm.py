@@ -117,6 +117,26 @@ def test_wgrad_identity_one_split(device):
     _close(qgemm(xq, gq), (rg @ x_hat.T + np.outer(mu_g, x_hat.sum(axis=1))).T)
 
 
+def test_wgrad_accumulates_into_fp32(device):
+    """qgemm(accumulate=acc): dW added into an FP32 accumulator (wgrad's main_grad) in place,
+    within FP32 accumulation of the float64 identity on top of what acc held; bad
+    accumulators are refused before any work."""
+    t = 128
+    g, x = _mean_biased(t, 32, 5), _mean_biased(t, 48, 6)
+    gq = quantize_operand(g.t().contiguous().to(device), "nvfp4", mean_dim=1)
+    xq = quantize_operand(x.t().contiguous().to(device), "nvfp4", mean_dim=1)
+    mu_g, rg = ref_split(g.t().contiguous(), 1, device=device)
+    mu_x, rx = ref_split(x.t().contiguous(), 1, device=device)
+    start = torch.randn(32, 48, generator=torch.Generator().manual_seed(9)).to(device)
+    acc = start.clone()
+    assert qgemm(gq, xq, accumulate=acc) is acc
+    _close(acc - start, rg @ rx.T + t * np.outer(mu_g, mu_x))
+    for bad in (torch.zeros(48, 32), torch.zeros(32, 48, dtype=torch.bfloat16),
+                torch.zeros(48, 32).t()):
+        with pytest.raises(ValueError, match="accumulate must be a contiguous FP32"):
+            qgemm(gq, xq, accumulate=bad.to(device))
+
+
 def test_mixed_mean_dims_and_rht(device):
     """General identities: A split along rows, B along the reduction dim, both rotated."""
     signs = random_signs(11)
