@@ -406,15 +406,19 @@ def _scale_terms_kernel(c_ptr, o_ptr, scale_ptr, M, N,
                         T1: tl.constexpr, u1, v1, k1, K1: tl.constexpr,
                         T2: tl.constexpr, u2, v2, k2, K2: tl.constexpr,
                         T3: tl.constexpr, u3, v3, k3, K3: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BF16_OUT: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BF16_OUT: tl.constexpr,
+                        ACC: tl.constexpr):
     """O = C·scale + terms in one pass over the FP32 GEMM result C: in place (FP32), or with
-    BF16_OUT rounded to nearest-even BF16 bit patterns in O (int16), saving a separate cast."""
+    BF16_OUT rounded to nearest-even BF16 bit patterns in O (int16), saving a separate cast.
+    ACC: O is an FP32 accumulator (wgrad's main_grad), O += C·scale + terms, one rounding."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     out = _epilogue(tl.load(c_ptr + offs, mask=mask, other=0.0), scale_ptr, rm, rn, M, N,
                     T1, u1, v1, k1, K1, T2, u2, v2, k2, K2, T3, u3, v3, k3, K3)
+    if ACC:
+        out = tl.load(o_ptr + offs, mask=mask, other=0.0) + out
     if BF16_OUT:
         # RNE on the bit pattern (the interpreter's float casts do not round like the GPU)
         u = out.to(tl.uint32, bitcast=True)
@@ -517,13 +521,17 @@ def _token_stats_final_kernel(psum, pmin, pmax, P, F, sum_ptr, lo_ptr, hi_ptr,
 _LAUNCH = dict(num_warps=4)
 # (rows, columns, warps) per program, the fastest of benchmarks/quant_kernels.py's sweep on an
 # H100 (docs/performance.md). "transposed": operands read through swapped strides (wgrad Xᵀ, Gᵀ).
-TILES = {"rows": (64, 64, 4), "transposed": (32, 64, 4)}
+# "nvfp4 transposed": the NVFP4 1x16 quantize of such an operand without RHT, 15-33% faster
+# than "transposed" at every model width in a GPU-bound sweep on an H200
+# (results/kernel-sweep-h200-2026-12-01); the other transposed cases were not swept.
+TILES = {"rows": (64, 64, 4), "transposed": (32, 64, 4), "nvfp4 transposed": (32, 32, 2)}
 
 
-def _tile(R: int, C: int, x: torch.Tensor, bk: int, bm: int, tile=None) -> tuple[int, int, int]:
+def _tile(R: int, C: int, x: torch.Tensor, bk: int, bm: int, tile=None,
+          transposed_tile: str = "transposed") -> tuple[int, int, int]:
     if tile is None:
         transposed = x.stride(1) != 1 and x.stride(0) == 1
-        tile = TILES["transposed" if transposed else "rows"]
+        tile = TILES[transposed_tile if transposed else "rows"]
     br, bc, warps = tile
     br = max(bm, min(br, triton.next_power_of_2(R)))
     bc = max(bk, min(bc, triton.next_power_of_2(C)))
@@ -638,7 +646,8 @@ def quantize(x: torch.Tensor, fmt: str, block: tuple[int, int], *,
     step = sr_step.to(device=x.device, dtype=torch.int64) if step_seed else unread
     off_r, ridx, row_idx = _offset_arg(rng_offset[0]) if sr else (0, None, False)
     off_c, cidx, col_idx = _offset_arg(rng_offset[1]) if sr else (0, None, False)
-    br, bc, warps = _tile(R, C, x, bk, bm, tile)
+    swept = not mx and bm == 1 and not rht
+    br, bc, warps = _tile(R, C, x, bk, bm, tile, "nvfp4 transposed" if swept else "transposed")
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     _quantize_kernel[grid](
         x, x.stride(0), x.stride(1), sub_t, amax_arg,
@@ -720,19 +729,25 @@ def _term_args(terms, device) -> list:
 
 
 def scale_and_add_terms(out: torch.Tensor, scale: torch.Tensor, terms,
-                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                        out_dtype: torch.dtype = torch.float32,
+                        accumulate: torch.Tensor | None = None) -> torch.Tensor:
     """out·scale + terms (qgemm's reference order) in one pass over the FP32 product, written
-    in place (FP32) or to a new tensor of `out_dtype` (at most 3 terms: qgemm's maximum)."""
+    in place (FP32) or to a new tensor of `out_dtype` (at most 3 terms: qgemm's maximum).
+    `accumulate`: a contiguous FP32 tensor of out's shape that the result is added into (the
+    sum rounded once, as accumulate.add_(result)); it is returned."""
     m, n = out.shape
-    bf16 = out_dtype == torch.bfloat16
+    bf16 = out_dtype == torch.bfloat16 and accumulate is None
     dst = torch.empty(m, n, dtype=torch.bfloat16, device=out.device) if bf16 else out
+    if accumulate is not None:
+        dst = accumulate
     bm, bn = 32, 128
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _scale_terms_kernel[grid](out, dst.view(torch.int16) if bf16 else dst,
                               scale.to(device=out.device, dtype=torch.float32).reshape(1),
                               m, n, *_term_args(terms, out.device), BLOCK_M=bm, BLOCK_N=bn,
-                              BF16_OUT=bf16, enable_fp_fusion=False, **_LAUNCH)
-    return dst if bf16 or out_dtype == torch.float32 else dst.to(out_dtype)
+                              BF16_OUT=bf16, ACC=accumulate is not None, enable_fp_fusion=False,
+                              **_LAUNCH)
+    return dst if bf16 or accumulate is not None or out_dtype == torch.float32 else dst.to(out_dtype)
 
 
 def scaled_mm(a_data: torch.Tensor, a_scales: torch.Tensor, a_block: tuple[int, int],

@@ -30,7 +30,8 @@ class LinearContext:
     gather_quantized: under SP, all-gather FP4 payloads (True) or BF16 tensors then quantize
         (False, the unquantized-communication baseline).
     accumulate_main_grad: add dW into weight.main_grad (FP32) as Megatron's
-        gradient-accumulation fusion does, instead of returning it.
+        gradient-accumulation fusion does, instead of returning it, whenever the weight has a
+        main_grad (megatron-core's DDP gives it one); else dW is returned.
     out_stride: megatron-core's partition stride of a column-parallel weight: with stride s a
         rank holds s separate chunks of the output features (SwiGLU's fc1: s=2, [gate, up]).
         Needed to give each element its global position in the stochastic-rounding stream.

@@ -154,15 +154,25 @@ class _QuantizedLinear(torch.autograd.Function):
             dx = comm.reduce_scatter(dx) if sp else comm.all_reduce(dx)
         dx = dx.view(autograd_ctx.x_shape)
 
-        dw = qgemm(gq_w, xq_w, cross_terms=once, fp4_gemm=ctx.recipe.fp4_gemm)
+        # dW in FP32 into main_grad where DDP gives one, never rounded to the weight's dtype;
+        # an FP32 buffer takes it in the GEMM's epilogue (no FP32 dW is written out first).
+        main_grad = getattr(weight, "main_grad", None) if ctx.accumulate_main_grad else None
+        in_epilogue = (main_grad is not None and main_grad.dtype == torch.float32
+                       and main_grad.is_contiguous())
+        dw = qgemm(gq_w, xq_w, cross_terms=once, fp4_gemm=ctx.recipe.fp4_gemm,
+                   accumulate=main_grad if in_epilogue else None)
         grad_bias = g.float().sum(0).to(grad_out.dtype) if autograd_ctx.has_bias else None
-        if ctx.accumulate_main_grad:
-            weight.main_grad.add_(dw)
+        if main_grad is not None:
+            if not in_epilogue:
+                main_grad.add_(dw)
             grad_weight = None
             if hasattr(weight, "grad_added_to_main_grad"):
-                # Megatron DDP expects a (dummy) grad so its hooks run on the main thread.
-                grad_weight = torch.zeros(weight.main_grad.shape, dtype=weight.dtype,
-                                          device=weight.device)
+                # Megatron DDP expects a (dummy) grad so its hooks run on the main thread; it
+                # skips adding one flagged as added, so its contents are read only when the
+                # weight asks for zeros (megatron-core's zero_out_wgrad).
+                alloc = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+                grad_weight = alloc(weight.main_grad.shape, dtype=weight.dtype,
+                                    device=weight.device)
                 weight.grad_added_to_main_grad = True
         else:
             grad_weight = dw.to(weight.dtype)

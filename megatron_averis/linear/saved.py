@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_averis.numerics.blockscale import QuantizedTensor
+from megatron_averis.numerics.blockscale import QuantizedTensor, TransposedQuantizedTensor
 from megatron_averis.numerics.operand import QuantizedOperand
 
 
@@ -24,7 +24,8 @@ from megatron_averis.numerics.operand import QuantizedOperand
 class _QTLayout:
     fmt: str
     block: tuple[int, int]
-    shape: tuple[int, int]
+    shape: tuple[int, int]  # of the saved payload
+    transposed_view: bool = False  # rebuilt as that payload's transpose (a 16x16 Wᵀ)
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,17 @@ class OperandLayout:
 
 
 def _flatten_qt(qt: QuantizedTensor, out: list) -> _QTLayout:
+    view = isinstance(qt, TransposedQuantizedTensor)
+    if view:
+        qt = qt.source  # the same bytes, and no transposed copy is made in forward
     out += qt.packed()
-    return _QTLayout(qt.fmt, qt.block, qt.shape)
+    return _QTLayout(qt.fmt, qt.block, qt.shape, view)
 
 
 def _build_qt(tensors, layout: _QTLayout) -> QuantizedTensor:
     data, scales, tensor_scale = tensors
-    return QuantizedTensor(data, scales, tensor_scale, layout.fmt, layout.block, layout.shape)
+    qt = QuantizedTensor(data, scales, tensor_scale, layout.fmt, layout.block, layout.shape)
+    return qt.t() if layout.transposed_view else qt
 
 
 def pack_operands(ops) -> tuple[list[torch.Tensor], list[OperandLayout]]:

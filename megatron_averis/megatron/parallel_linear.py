@@ -71,7 +71,9 @@ class _RecipeMixin:
             comm=TPComm(self.tp_group),
             sequence_parallel=self.sequence_parallel,
             gather_quantized=gather_quantized,
-            accumulate_main_grad=config.gradient_accumulation_fusion,
+            # FP32 dW straight into main_grad wherever DDP gives one, whatever
+            # gradient_accumulation_fusion says (that flag asks apex's kernel of BF16 layers).
+            accumulate_main_grad=True,
             out_stride=stride,
             stream_id=_stream_id(),
             replica_id=_replica_id(),

@@ -54,7 +54,9 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError):
             _MM_OUT_DTYPE_OK[dev] = False
     with _no_tf32():
-        return torch.mm(a.float(), b.float().t())
+        # Dense copies: a CPU BLAS sums in an order that depends on the operands' layout, and a
+        # transposed view (dgrad's 16x16 Wᵀ) must give the bits of its contiguous equal.
+        return torch.mm(a.float().contiguous(), b.float().contiguous().t())
 
 
 class _no_tf32:
@@ -93,8 +95,8 @@ class MeanTerm:
 
 
 def _product_plus_terms(a: QuantizedOperand, b: QuantizedOperand, terms: list[MeanTerm],
-                        out_dtype: torch.dtype, product=None,
-                        fp4_gemm: str = "dequant") -> torch.Tensor:
+                        out_dtype: torch.dtype, product=None, fp4_gemm: str = "dequant",
+                        accumulate: torch.Tensor | None = None) -> torch.Tensor:
     """(Â·B̂ᵀ)·(s_A·s_B) + Σ terms in FP32, rounded once to `out_dtype`. On CUDA the scale, the
     terms and the rounding are one kernel pass over the product (same FP32 operations, same
     order); with fp4_gemm="fused" a Triton GEMM reads the packed FP4 operands and applies them in
@@ -104,17 +106,19 @@ def _product_plus_terms(a: QuantizedOperand, b: QuantizedOperand, terms: list[Me
     fp4 = (backend.fused_gemm_kernels(a.qt, b.qt, len(terms), fp4_gemm)
            if product is None and a.qt is not None and b.qt is not None else None)
     if fp4 is not None:
-        return fp4.scaled_mm(a.qt.data, a.qt.block_scales, a.qt.block, b.qt.data,
-                             b.qt.block_scales, b.qt.block, a.qt.fmt, scale,
-                             [t.fields() for t in terms]).to(out_dtype)
+        out = fp4.scaled_mm(a.qt.data, a.qt.block_scales, a.qt.block, b.qt.data,
+                            b.qt.block_scales, b.qt.block, a.qt.fmt, scale,
+                            [t.fields() for t in terms])
+        return out.to(out_dtype) if accumulate is None else accumulate.add_(out)
     out = mm_fp32(a.values(), b.values()) if product is None else product(a, b)
     fp4 = backend.epilogue_kernels(out, len(terms))
     if fp4 is not None:
-        return fp4.scale_and_add_terms(out, scale, [t.fields() for t in terms], out_dtype)
+        return fp4.scale_and_add_terms(out, scale, [t.fields() for t in terms], out_dtype,
+                                       accumulate)
     out = out * scale
     for term in terms:
         out += term.dense()
-    return out.to(out_dtype)
+    return out.to(out_dtype) if accumulate is None else accumulate.add_(out)
 
 
 def _rowwise_dot(op: QuantizedOperand, v: torch.Tensor,
@@ -136,14 +140,22 @@ def _bf16_mean(op: QuantizedOperand) -> torch.Tensor | None:
 
 def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = None,
           out_dtype: torch.dtype = torch.float32, product=None,
-          cross_terms: bool = False, fp4_gemm: str = "dequant") -> torch.Tensor:
+          cross_terms: bool = False, fp4_gemm: str = "dequant",
+          accumulate: torch.Tensor | None = None) -> torch.Tensor:
     """[M, N] = A·Bᵀ (+ bias along N) as the FP4 hardware computes it, with exact Averis
     rank-one terms, in FP32 and then rounded once to `out_dtype`. fp4_gemm (the recipe's field,
     backend.FP4_GEMMS): "dequant" (BF16 scaled values, then cuBLAS) or "fused" (a Triton GEMM
     on the packed codes where the kernels run: FP32 sums in another order, other last bits);
     "auto" is "dequant" here and "native" needs the tensor-core `product` of the Transformer
-    Engine route (te/native.py)."""
+    Engine route (te/native.py). `accumulate`: a contiguous FP32 [M, N] tensor (wgrad's
+    main_grad) that the FP32 result is added into in place, in the epilogue where the kernels
+    run: the bits of accumulate.add_(qgemm(...)), without writing the product out first."""
     backend.check_choice("fp4_gemm", fp4_gemm)
+    if accumulate is not None and (accumulate.dtype != torch.float32
+                                   or not accumulate.is_contiguous()
+                                   or tuple(accumulate.shape) != (a.shape[0], b.shape[0])):
+        raise ValueError(f"accumulate must be a contiguous FP32 [{a.shape[0]}, {b.shape[0]}] "
+                         f"tensor, got {accumulate.dtype} {tuple(accumulate.shape)}")
     if fp4_gemm == "native" and product is None:
         raise ValueError("fp4_gemm='native': the FP4 tensor-core product comes from the Transformer "
                          "Engine route on sm_100+ (te/native.py), and this GEMM has none; use "
@@ -159,7 +171,7 @@ def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = 
     terms: list[MeanTerm] = []
     bias_terms = [MeanTerm(col=bias.float())] if bias is not None else []  # added last
     if ma is None and mb is None:
-        return _product_plus_terms(a, b, bias_terms, out_dtype, product, fp4_gemm)
+        return _product_plus_terms(a, b, bias_terms, out_dtype, product, fp4_gemm, accumulate)
     k = a.shape[1]
     device = ma.device if ma is not None else mb.device
     ones = {}
@@ -194,4 +206,5 @@ def qgemm(a: QuantizedOperand, b: QuantizedOperand, bias: torch.Tensor | None = 
             terms.append(MeanTerm(row=torch.dot(e(), mb) * ma))
         else:
             terms.append(MeanTerm(row=ma, col=mb, k=k))
-    return _product_plus_terms(a, b, terms + bias_terms, out_dtype, product, fp4_gemm)
+    return _product_plus_terms(a, b, terms + bias_terms, out_dtype, product, fp4_gemm,
+                               accumulate)

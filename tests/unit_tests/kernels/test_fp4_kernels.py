@@ -521,6 +521,33 @@ def test_qgemm_epilogue_matches_reference(kdev, reference, mean_a, mean_b, rht, 
 
 
 @pytest.mark.parametrize("mean_a,mean_b", QGEMM_CASES)
+@pytest.mark.parametrize("rht", [False, True])
+def test_qgemm_accumulates_in_the_epilogue(kdev, reference, monkeypatch, mean_a, mean_b, rht):
+    """qgemm(accumulate=main_grad): the epilogue adds the FP32 result into the accumulator in
+    the same pass, bit for bit the reference's `main_grad.add_(qgemm(...))`, and writes no
+    separate product; a wrong accumulator is refused."""
+    from megatron_averis.kernels import fp4
+    from megatron_averis.numerics import qgemm
+
+    accumulators = []
+    real = fp4.scale_and_add_terms
+    monkeypatch.setattr(fp4, "scale_and_add_terms",
+                        lambda *a, **k: accumulators.append(a[4] if len(a) > 4 else None)
+                        or real(*a, **k))
+    qa, qb = _qgemm_operands(kdev, mean_a, mean_b, rht)
+    start = _data(64, 96, 19, torch.float32, kdev)
+    acc = start.clone()
+    out = qgemm(qa, qb, accumulate=acc)
+    assert out is acc and len(accumulators) == 1 and accumulators[0] is acc
+    with reference():
+        want = start.clone().add_(qgemm(qa, qb))
+    assert_same_tensor(acc, want)
+    for bad in (start.t().contiguous(), start.to(torch.bfloat16), start.t().contiguous().t()):
+        with pytest.raises(ValueError, match="accumulate must be a contiguous FP32"):
+            qgemm(qa, qb, accumulate=bad)
+
+
+@pytest.mark.parametrize("mean_a,mean_b", QGEMM_CASES)
 def test_fused_gemm_with_mean_terms(kdev, monkeypatch, mean_a, mean_b):
     """fp4_gemm="fused": same result as the dequant path up to FP32 summation order."""
     from megatron_averis.kernels import fp4
@@ -700,9 +727,11 @@ def test_transposed_values_stay_exact(kdev, reference, payload):
         assert_same_qt(got.t(), want.t())
         assert_same_tensor(got.t().scaled_values(), want_t)
         assert_same_tensor(got.t().scaled_values(torch.float32), want.t().scaled_values(torch.float32))
-    else:
+    else:  # the transpose is a view of the values; only its payload is refused
+        assert_same_tensor(got.t().scaled_values(), want_t)
+        assert not got.t().has_payload and got.t().data is None
         with pytest.raises(ValueError, match="GEMM only"):
-            got.t()
+            got.t().packed()
     op = quantize_operand(w, "nvfp4", block=(16, 16), output="both" if payload else "values")
     assert_same_tensor(op.reoriented().values(), want_re)
 
@@ -738,6 +767,31 @@ def test_quantize_operand_outputs(kdev, reference, kernel_calls, output, mean_di
             got.payload()
     with pytest.raises(ValueError, match="output='bogus'"):
         quantize_operand(x, fmt, output="bogus", **kw)
+
+
+@pytest.mark.parametrize("recipe", ["averis", "nvfp4-nohadamard", "nvfp4", "mxfp4"])
+def test_linear_accumulates_fp32_dw_into_main_grad(kdev, reference, recipe):
+    """With a main_grad (megatron-core's DDP) the linear adds dW into it in the wgrad epilogue:
+    over two micro-batches, main_grad equals the reference path's bit for bit, and the weight's
+    own grad stays unset."""
+    x = _data(128, 64, 30, torch.bfloat16, kdev)
+    gy = _data(128, 96, 31, torch.bfloat16, kdev) * 0.01
+
+    def run():
+        torch.manual_seed(0)
+        layer = QuantizedLinear(64, 96, bias=False, recipe=get_recipe(recipe), device=kdev,
+                                stream_id=6)
+        layer.ctx.accumulate_main_grad = True
+        layer.weight.main_grad = _data(96, 64, 32, torch.float32, kdev)
+        for _ in range(2):
+            layer(x).backward(gy)
+        assert layer.weight.grad is None
+        return layer.weight.main_grad
+
+    got = run()
+    with reference():
+        want = run()
+    assert_same_tensor(got, want)
 
 
 @pytest.mark.parametrize("recipe", ["nvfp4-plain", "nvfp4-nohadamard", "averis", "averis-paper",

@@ -13,7 +13,7 @@ from megatron_averis.recipes import RecipeError, get_recipe
 
 def _config(**kw):
     return TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4,
-                             use_cpu_initialization=True, params_dtype=torch.float32, **kw)
+                             use_cpu_initialization=True, **{"params_dtype": torch.float32, **kw})
 
 
 def _init():
@@ -82,6 +82,29 @@ def test_main_grad_accumulation_for_megatron_ddp(mcore_single_process):
         plain(x)[0].square().sum().backward()
     assert col.weight.grad_added_to_main_grad
     torch.testing.assert_close(col.weight.main_grad, plain.weight.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_fp4_layers_keep_dw_in_fp32_under_ddp_whatever_the_flag(mcore_single_process):
+    """The trainer passes gradient_accumulation_fusion=False (megatron-core's BF16 layers would
+    need apex for it). FP4 layers still add their FP32 dW into main_grad when DDP gives one: with
+    BF16 weights, main_grad keeps bits that a BF16 gradient would round away. Without main_grad,
+    dW comes back as the weight's grad, that FP32 dW rounded once to BF16."""
+    recipe = get_recipe("averis")
+    col, twin = [AverisColumnParallelLinear(64, 96, config=_config(params_dtype=torch.bfloat16),
+                                            init_method=_init(), bias=False, recipe=recipe)
+                 for _ in range(2)]
+    twin.weight.data.copy_(col.weight.data)
+    assert not col.gradient_accumulation_fusion and col.linear_ctx.accumulate_main_grad
+    twin.linear_ctx.stream_id = col.linear_ctx.stream_id
+    col.weight.main_grad = torch.zeros_like(col.weight, dtype=torch.float32)
+    col.weight.grad_added_to_main_grad = False
+    x = torch.randn(16, 2, 64, dtype=torch.bfloat16) + 1.0
+    col(x)[0].float().square().sum().backward()
+    twin(x)[0].float().square().sum().backward()
+    assert col.weight.grad_added_to_main_grad and twin.weight.grad.dtype == torch.bfloat16
+    dw = col.weight.main_grad
+    assert torch.equal(dw.to(torch.bfloat16), twin.weight.grad)
+    assert not torch.equal(dw, dw.to(torch.bfloat16).float())  # FP32 bits kept
 
 
 def test_shape_errors_at_build(mcore_single_process):

@@ -88,6 +88,31 @@ def test_2d_blocks_give_w_and_wt_the_same_values(device):
         quantize_nvfp4(w.to(device)).t()
 
 
+@pytest.mark.parametrize("outputs", [{}, {"values": torch.bfloat16}, {"values": torch.bfloat16, "payload": False}])
+def test_transpose_is_a_view_with_the_payload_built_on_demand(device, outputs):
+    """Wᵀ of a 16x16 W: its values are W's values transposed without a copy, and its payload,
+    built only when read, equals an independent quantization of the transposed matrix."""
+    w = _biased(48, 64, 5).to(device)
+    qw = quantize_nvfp4(w, (16, 16), **outputs)
+    ref = quantize_nvfp4(w.t().contiguous(), (16, 16))
+    qt = qw.t()
+    assert qt.shape == (64, 48) and qt.t() is qw
+    values = qt.scaled_values()
+    assert torch.equal(values, ref.scaled_values())
+    assert values.stride() == (1, 64)  # the transpose of W's [48, 64] values: no copy
+    assert qt._payload is None  # nothing byte-wise ran for the values
+    assert qt.has_payload == qw.has_payload  # (the CPU reference always keeps the payload)
+    if qt.has_payload:
+        data, scales, tensor_scale = qt.packed()
+        assert torch.equal(data, ref.data) and torch.equal(tensor_scale, ref.tensor_scale)
+        assert torch.equal(scales.view(torch.uint8), ref.block_scales.view(torch.uint8))
+        assert torch.equal(qt.dequantize(), ref.dequantize())
+    else:
+        assert qt.data is None and qt.block_scales is None
+        with pytest.raises(ValueError, match="quantized for its GEMM only"):
+            qt.packed()
+
+
 def test_mxfp4_matches_ocp_rule(device):
     x = _biased(8, 96, 3)
     x[0, :32] = 0.0  # zero block
