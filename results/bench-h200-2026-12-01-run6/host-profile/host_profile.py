@@ -6,7 +6,7 @@ from megatron_averis.linear import QuantizedLinear
 from megatron_averis.recipes import get_recipe
 from megatron_averis.kernels import fp4
 
-out = os.environ.get("OUT", "/tmp")
+out = os.environ.get("OUT", ".")
 dev = torch.device("cuda")
 T, K, N = 1024, 1024, 1024
 x = torch.randn(T, K, device=dev, dtype=torch.bfloat16)
@@ -44,7 +44,7 @@ for recipe in ["bf16", "nvfp4-nohadamard", "averis", "nvfp4"]:
         for key in ("tottime", "cumulative"):
             s = io.StringIO()
             pstats.Stats(pr, stream=s).sort_stats(key).print_stats(60)
-            txt = s.getvalue().replace("/tmp/site", "<site>").replace(os.getcwd(), "<repo>")
+            txt = s.getvalue().replace(os.environ.get("SITE", "<none>"), "<site>").replace(os.getcwd(), "<repo>")
             txt = txt.replace("/opt/torch/.venv/lib/python3.12/site-packages", "<site-packages>")
             open(f"{out}/cprofile-{recipe}-{key}.txt", "w").write(txt)
         s = io.StringIO()
