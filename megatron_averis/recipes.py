@@ -89,9 +89,11 @@ class Recipe:
     in all three GEMMs (the Averis authors' code: X̂ = μ + Q(X - 1μᵀ)). Emulation only: dgrad and
     wgrad then reduce across the blocks, which FP4 tensor cores cannot consume. Needs each
     tensor's two operand recipes equal and no RHT.
-    token_sum: order of the token sums behind every Averis mean: torch (torch.sum, the default)
-    or pairwise (a specified tree order, the same on every device; on the GPU one stats kernel
-    also yields the residual's range). They differ in the means' last bits.
+    token_sum: order of the token sums behind every Averis mean: pairwise (the default: a
+    specified tree order, the same on every device; on the GPU one stats kernel also yields the
+    residual's range, so the mean costs no extra read of the operand) or torch (torch.sum, in
+    the device's and the library's order; the default before 2026-12). They differ in the means'
+    last bits.
     fp4_gemm: dequant (BF16 scaled values, cuBLAS with FP32 accumulation; the default) or fused
     (a Triton GEMM dequantizing packed FP4 in its prologue, where the kernels run; FP32 sums in
     another order, so other last bits).
@@ -112,7 +114,7 @@ class Recipe:
     bf16_first_layers: int = 0
     bf16_last_layers: int = 0
     quantize_once: bool = False
-    token_sum: str = "torch"
+    token_sum: str = "pairwise"
     fp4_gemm: str = "dequant"
 
     def __post_init__(self):

@@ -118,6 +118,11 @@ def operand_kernels(x: torch.Tensor, signs: torch.Tensor | None = None) -> Modul
     return kernels_for(x)
 
 
+def range_kernels(lo: torch.Tensor) -> ModuleType | None:
+    """For the residual amax from the stats pass's per-feature FP32 (min, max) vectors."""
+    return kernels_for(lo) if lo.dim() == 1 and lo.dtype == torch.float32 else None
+
+
 def dequantize_kernels(data: torch.Tensor, dtype: torch.dtype) -> ModuleType | None:
     """For code × block scale of packed FP4 `data`, written as `dtype`."""
     return kernels_for(data) if dtype in kernels.DEQUANTIZE_DTYPES else None

@@ -219,12 +219,12 @@ def pairwise_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def token_mean(
     x: torch.Tensor, dim: int, reducer: StatsReducer = LOCAL, with_range: bool = False,
-    token_sum: str = "torch",
+    token_sum: str = "pairwise",
 ):
     """FP32 mean of x over `dim`, with sums and counts combined over ranks in one collective.
 
-    token_sum: the order of the sums (backend.TOKEN_SUMS): "torch" (x.sum in FP32, torch's
-    order) or "pairwise" (pairwise_sum; the GPU stats kernel reproduces it bit for bit).
+    token_sum: the order of the sums (backend.TOKEN_SUMS): "pairwise" (pairwise_sum; the GPU
+    stats kernel reproduces it bit for bit) or "torch" (x.sum in FP32, torch's order).
     with_range: also return the local per-feature (min, max) of x over `dim` when the GPU stats
     kernel produced them in the same pass (else None); quantize_operand derives the residual's
     amax from it instead of reading x again."""
@@ -251,6 +251,8 @@ def range_abs_max(rng: tuple[torch.Tensor, torch.Tensor], sub: torch.Tensor) -> 
     extremes of the residual are fl(min - m) and fl(max - m); equal to abs_max(x, sub)."""
     lo, hi = rng
     m = sub.reshape(-1)
+    if (fp4 := backend.range_kernels(lo)) is not None:
+        return fp4.range_amax(lo, hi, m)
     return torch.maximum((hi - m).abs(), (lo - m).abs()).amax()
 
 
@@ -269,7 +271,7 @@ def quantize_operand(
     transposed: bool = False,
     mean: torch.Tensor | QuantizedTensor | None = None,
     amax: torch.Tensor | None = None,
-    token_sum: str = "torch",
+    token_sum: str = "pairwise",
     output: str = "payload",
     mean_fp32: torch.Tensor | None = None,
 ) -> QuantizedOperand:

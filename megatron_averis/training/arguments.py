@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; see docs/recipes.md)")
     g.add_argument("--fp4-token-sum", choices=TOKEN_SUMS, default=None,
                    help="order of the token sums behind every Averis mean (the recipe's "
-                        "token_sum; default: the recipe's, torch): torch (torch.sum) or pairwise "
-                        "(a fixed tree order, the same on every device); they differ in the last "
-                        "bits (docs/performance.md)")
+                        "token_sum; default: the recipe's, pairwise): pairwise (a fixed tree order, "
+                        "the same on every device; one read of the operand on the GPU) or torch "
+                        "(torch.sum); they differ in the last bits (docs/performance.md)")
     g.add_argument("--fp4-gemm", choices=FP4_GEMMS, default=None,
                    help="FP4 GEMM path (the recipe's fp4_gemm; default: the recipe's, dequant): "
                         "dequant (BF16 operands, cuBLAS), fused (Triton GEMM on packed FP4), "

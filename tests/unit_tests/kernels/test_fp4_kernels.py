@@ -588,6 +588,27 @@ def test_token_stats_equal_pairwise_sum(kdev, shape, dtype):
         assert_same_tensor(hi, v.float().amax(dim))
 
 
+@pytest.mark.parametrize("features", [1, 7, 1024, 3000])
+def test_range_amax_is_the_residual_amax(kdev, features):
+    """range_amax(min, max, μ) of the stats pass equals max |x - μ| read from x itself (float64
+    differences rounded once to FP32, the exact value of each FP32 subtraction), over one or
+    several of the kernel's 1024-feature chunks; a NaN anywhere gives NaN."""
+    from megatron_averis.kernels import fp4
+
+    x = _data(96, features, 23, torch.float32, "cpu", kind="plain") * 3.0
+    x[5, 0] = -0.0
+    m = x.mean(0) + 0.25
+    want = (x.double() - m.double()).float().abs().amax()
+    lo, hi = x.amin(0), x.amax(0)
+    got = fp4.range_amax(lo.to(kdev), hi.to(kdev), m.to(kdev))
+    assert_same_tensor(got.cpu(), want)
+    lo[features // 2] = float("nan")
+    assert fp4.range_amax(lo.to(kdev), hi.to(kdev), m.to(kdev)).isnan()
+    hi[-1] = float("inf")
+    lo[features // 2] = 0.0
+    assert fp4.range_amax(lo.to(kdev), hi.to(kdev), m.to(kdev)).item() == float("inf")
+
+
 def test_token_sum_choice():
     from megatron_averis.numerics.operand import token_mean
 

@@ -57,7 +57,9 @@ def _outside_ops(monkeypatch, recipe: str) -> _OutsideOps:
     x = torch.randn(256, 128, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(256, 384, dtype=torch.bfloat16)
     mode = _OutsideOps()
-    for name in ("quantize_nvfp4", "quantize_mxfp4", "abs_max", "blockwise_rht"):
+    # pairwise_sum: the CPU reference of the token sums (the default token_sum), one read of the
+    # operand in the GPU stats kernel, like abs_max's amax pass.
+    for name in ("quantize_nvfp4", "quantize_mxfp4", "abs_max", "blockwise_rht", "pairwise_sum"):
         monkeypatch.setattr(operand, name, mode.inside(getattr(operand, name)))
     monkeypatch.setattr(qgemm, "mm_fp32", mode.inside(qgemm.mm_fp32))
     monkeypatch.setattr(qgemm, "_product_plus_terms", mode.inside(qgemm._product_plus_terms))

@@ -181,7 +181,7 @@ def test_native_gemm_needs_the_tensor_core_product():
 
 def test_recipe_fields_default_and_validate():
     r = get_recipe("averis")
-    assert (r.token_sum, r.fp4_gemm) == ("torch", "dequant")
+    assert (r.token_sum, r.fp4_gemm) == ("pairwise", "dequant")
     with pytest.raises(RecipeError, match=r"token_sum='tree' is unknown; choose one of"):
         get_recipe("averis", ["token_sum=tree"])
     with pytest.raises(RecipeError, match=r"fp4_gemm='cublas' is unknown"):

@@ -20,13 +20,28 @@ def _bf16(v):
     return torch.tensor(v, dtype=torch.float64).to(torch.bfloat16).double().numpy()
 
 
-def ref_split(x, mean_dim, mean_format="bf16", device="cpu"):
+def _np_pairwise_sum(x: np.ndarray, axis: int) -> np.ndarray:
+    """FP32 sums along `axis` by the specified tree: zero rows up to a power of two, then
+    adjacent pairs added level by level, one FP32 addition per pair (numpy)."""
+    v = np.moveaxis(x.astype(np.float32), axis, 0)
+    p = 1 << max(v.shape[0] - 1, 0).bit_length()
+    v = np.concatenate([v, np.zeros((p - v.shape[0],) + v.shape[1:], np.float32)])
+    while v.shape[0] > 1:
+        v = (v[0::2] + v[1::2]).astype(np.float32)
+    return v[0]
+
+
+def ref_split(x, mean_dim, mean_format="bf16", device="cpu", token_sum="pairwise"):
     """Reference mean split: (μ̂, R̂) in float64 with R = x - μ̂ computed in FP32 as specified.
 
-    μ is the FP32 column mean (torch.sum in FP32 on the same device: summation order is the
-    device's), checked against float64; the format rounding and the split follow from it."""
-    n = torch.tensor(float(x.shape[mean_dim]), device=device)  # true division, as specified
-    mu = (x.to(device).float().sum(mean_dim) / n).cpu().numpy()
+    μ is the FP32 column mean: the pairwise tree of FP32 sums (numpy), or with token_sum="torch"
+    torch.sum in FP32 on the same device (summation order is the device's); either is checked
+    against float64, and the format rounding and the split follow from it."""
+    if token_sum == "torch":
+        n = torch.tensor(float(x.shape[mean_dim]), device=device)  # true division, as specified
+        mu = (x.to(device).float().sum(mean_dim) / n).cpu().numpy()
+    else:
+        mu = _np_pairwise_sum(x.float().numpy(), mean_dim) / np.float32(x.shape[mean_dim])
     x = x.numpy().astype(np.float32)
     np.testing.assert_allclose(mu, x.astype(np.float64).mean(axis=mean_dim), rtol=0,
                                atol=4 * np.abs(x).max() * 2**-24)
@@ -37,12 +52,14 @@ def ref_split(x, mean_dim, mean_format="bf16", device="cpu"):
     return mu_hat, ref.nvfp4(r)[0]
 
 
+@pytest.mark.parametrize("token_sum", ["pairwise", "torch"])
 @pytest.mark.parametrize("mean_format", ["fp32", "bf16", "nvfp4"])
 @pytest.mark.parametrize("mean_dim", [0, 1])
-def test_split_matches_reference_and_restores_exactly(device, mean_dim, mean_format):
-    x = _mean_biased(64, 48, 0)
-    op = quantize_operand(x.to(device), "nvfp4", mean_dim=mean_dim, mean_format=mean_format)
-    mu_hat, r_hat = ref_split(x, mean_dim, mean_format, device)
+def test_split_matches_reference_and_restores_exactly(device, mean_dim, mean_format, token_sum):
+    x = _mean_biased(64, 48, 0)  # mean_dim=1 sums 48: the pairwise tree pads to 64
+    op = quantize_operand(x.to(device), "nvfp4", mean_dim=mean_dim, mean_format=mean_format,
+                          token_sum=token_sum)
+    mu_hat, r_hat = ref_split(x, mean_dim, mean_format, device, token_sum)
     np.testing.assert_array_equal(op.mean_fp32().cpu().double().numpy(), mu_hat)
     np.testing.assert_array_equal(op.qt.dequantize().cpu().numpy(), r_hat)
     full = r_hat + (mu_hat.reshape(1, -1) if mean_dim == 0 else mu_hat.reshape(-1, 1))

@@ -109,16 +109,16 @@ def test_implementation_flags_are_recipe_fields_in_the_saved_config(tmp_path):
     from megatron_averis.diagnostics.checkpoint import recipe_from_dict
 
     default = TrainingConfig.from_args(finalize_args(parse_args(stored_command(tmp_path)), 1), 1000)
-    assert (default.model.recipe.token_sum, default.model.recipe.fp4_gemm) == ("torch", "dequant")
-    assert default.flags["recipe"]["token_sum"] == "torch"
-    argv = stored_command(tmp_path, add=["--fp4-recipe-override", "token_sum=torch",
-                                         "--fp4-token-sum", "pairwise", "--fp4-gemm", "fused"])
+    assert (default.model.recipe.token_sum, default.model.recipe.fp4_gemm) == ("pairwise", "dequant")
+    assert default.flags["recipe"]["token_sum"] == "pairwise"
+    argv = stored_command(tmp_path, add=["--fp4-recipe-override", "token_sum=pairwise",
+                                         "--fp4-token-sum", "torch", "--fp4-gemm", "fused"])
     config = TrainingConfig.from_args(finalize_args(parse_args(argv), 1), 1000)
     recipe = config.model.recipe
-    assert (recipe.name, recipe.token_sum, recipe.fp4_gemm) == ("averis", "pairwise", "fused")
+    assert (recipe.name, recipe.token_sum, recipe.fp4_gemm) == ("averis", "torch", "fused")
     saved = config.flags["recipe"]
-    assert (saved["token_sum"], saved["fp4_gemm"]) == ("pairwise", "fused")
-    assert (config.flags["fp4_token_sum"], config.flags["fp4_gemm"]) == ("pairwise", "fused")
+    assert (saved["token_sum"], saved["fp4_gemm"]) == ("torch", "fused")
+    assert (config.flags["fp4_token_sum"], config.flags["fp4_gemm"]) == ("torch", "fused")
     assert recipe_from_dict(dict(saved)) == recipe
 
 
